@@ -1,0 +1,136 @@
+//! From a partner record to a [`CallEvent`]: validation, normalisation,
+//! classification, charge estimation and pseudonymisation. Pure; the
+//! ingester service and the embedded pipeline both call [`Ingestor::ingest`].
+
+use std::sync::Arc;
+
+use crate::error::{ConfigError, FieldError};
+use crate::model::{CallEvent, Direction, Millis};
+use crate::number::{DialPlan, Normalizer};
+use crate::pseudo::{Kind, Pseudonymizer};
+use crate::record::{Limits, RawRecord, validate};
+use crate::tables::{FxTable, RateDeck, RiskTable};
+
+/// Reference data shared by every ingester: risk table, rate deck, FX.
+#[derive(Debug, Clone)]
+pub struct ReferenceData {
+    /// Range-risk table.
+    pub risk: RiskTable,
+    /// Rate deck.
+    pub rates: RateDeck,
+    /// Currency conversion.
+    pub fx: FxTable,
+}
+
+impl Default for ReferenceData {
+    fn default() -> Self {
+        Self {
+            risk: RiskTable::default_table(),
+            rates: RateDeck::default_deck(),
+            fx: FxTable::default(),
+        }
+    }
+}
+
+/// One carrier's ingest pipeline.
+#[derive(Debug, Clone)]
+pub struct Ingestor {
+    provider_id: String,
+    normalizer: Normalizer,
+    pseudo: Pseudonymizer,
+    refdata: Arc<ReferenceData>,
+    limits: Limits,
+}
+
+impl Ingestor {
+    /// Builds the ingest pipeline of `provider_id`.
+    pub fn new(
+        provider_id: &str,
+        plan: DialPlan,
+        range_digits: usize,
+        pseudo: Pseudonymizer,
+        refdata: Arc<ReferenceData>,
+    ) -> Result<Self, ConfigError> {
+        validate_provider_id("provider_id", provider_id)?;
+        Ok(Self {
+            provider_id: provider_id.to_string(),
+            normalizer: Normalizer::new(plan, range_digits)?,
+            pseudo,
+            refdata,
+            limits: Limits::default(),
+        })
+    }
+
+    /// The carrier this ingestor serves.
+    pub fn provider_id(&self) -> &str {
+        &self.provider_id
+    }
+
+    /// Validates, normalises and pseudonymises one record received at wall
+    /// time `now`.
+    pub fn ingest(&self, raw: &RawRecord, now: Millis) -> Result<CallEvent, FieldError> {
+        let fx = &self.refdata.fx;
+        let v = validate(raw, &self.provider_id, now, &self.limits, |c| fx.knows(c))?;
+        let risk = &self.refdata.risk;
+        let caller = self.normalizer.normalize("caller", &v.caller, risk)?;
+        let callee = self.normalizer.normalize("callee", &v.callee, risk)?;
+        let (remote, _) = match v.direction {
+            Direction::Outbound => (&callee, &caller),
+            Direction::Inbound => (&caller, &callee),
+        };
+        let estimated_charge = match (&v.charge, v.direction) {
+            (Some((cur, amount)), _) => fx.to_eur(cur, *amount).unwrap_or(0),
+            // The customer pays for outbound calls only.
+            (None, Direction::Outbound) => {
+                let billable = match v.answer_time {
+                    // Time before answer is not billed.
+                    Some(a) => (v.duration_s - (a - v.start_time) as f64 / 1000.0).max(0.0),
+                    None => v.duration_s,
+                };
+                self.refdata.rates.estimate(&remote.e164, billable)
+            }
+            (None, Direction::Inbound) => 0,
+        };
+        let (block, offset) = callee.block();
+        let p = &self.pseudo;
+        Ok(CallEvent {
+            provider_id: v.provider_id,
+            event_id: v.event_id,
+            call_id: v.call_id,
+            phase: v.phase,
+            customer: v.customer_id.as_deref().map(|c| p.token(Kind::Customer, c)),
+            line: p.token(Kind::Line, &format!("{}/{}", self.provider_id, v.line_id)),
+            caller: p.token(Kind::Number, &caller.e164),
+            callee: p.token(Kind::Number, &callee.e164),
+            callee_block: p.token(Kind::Block, block),
+            callee_block_offset: offset,
+            callee_info: callee.info,
+            caller_info: caller.info,
+            direction: v.direction,
+            start_time: v.start_time,
+            answer_time: v.answer_time,
+            duration_s: v.duration_s,
+            disposition: v.disposition,
+            source_ip: v.source_ip.map(|ip| p.token(Kind::Ip, &ip.to_string())),
+            charge: v.charge,
+            estimated_charge,
+            ingested_at: now,
+        })
+    }
+}
+
+/// Checks a carrier id: 1-64 characters of `[a-z0-9._-]`.
+pub fn validate_provider_id(key: &str, id: &str) -> Result<(), ConfigError> {
+    if id.is_empty()
+        || id.len() > 64
+        || !id
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b))
+    {
+        return Err(ConfigError::new(
+            key,
+            format!("`{id}` must be 1-64 characters of [a-z0-9._-]"),
+        ));
+    }
+    Ok(())
+}

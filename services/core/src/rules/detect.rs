@@ -1,0 +1,765 @@
+//! The detector: plans the window-store updates for an event and evaluates
+//! the rules on their results. Pure: it never calls the store itself.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+
+use crate::model::{CallEvent, Direction, Millis, Phase};
+use crate::money::{format_amount, format_eur};
+use crate::rules::config::{Policies, Policy, RulesConfig, Severity, Thresholds};
+use crate::store::{Groups, Op, OpResult, Outcome, Scope, Update, Val};
+
+/// A detection rule (DESIGN §5).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Rule {
+    /// Rolling spend over the customer's cap.
+    SpendCap,
+    /// High-risk calls through several carriers at once.
+    MultiCarrierBurst,
+    /// Many customers to one high-risk range through several carriers.
+    DestinationConvergence,
+    /// Simultaneous calls over the channel count.
+    Concurrency,
+    /// Sequential short calls in one range.
+    SequentialProbe,
+    /// Hot-list hit.
+    HotNumber,
+    /// One-ring inbound calls, then callbacks.
+    Wangiri,
+    /// Long call to a high-risk range.
+    LongDuration,
+}
+
+impl Rule {
+    /// snake_case name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Rule::SpendCap => "spend_cap",
+            Rule::MultiCarrierBurst => "multi_carrier_burst",
+            Rule::DestinationConvergence => "destination_convergence",
+            Rule::Concurrency => "concurrency",
+            Rule::SequentialProbe => "sequential_probe",
+            Rule::HotNumber => "hot_number",
+            Rule::Wangiri => "wangiri",
+            Rule::LongDuration => "long_duration",
+        }
+    }
+}
+
+/// What a finding is about.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct FindingSubject {
+    /// Customer token (compact `keyid:hex`).
+    pub customer: Option<crate::model::Token>,
+    /// Range.
+    pub range: Option<String>,
+    /// Country of the range.
+    pub country: Option<String>,
+    /// Callee token (hot number).
+    pub number: Option<crate::model::Token>,
+}
+
+/// Figures behind a finding.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct FindingEvidence {
+    /// Calls per carrier.
+    pub calls: BTreeMap<String, i64>,
+    /// Spend per carrier, micro-EUR.
+    pub spend: BTreeMap<String, i64>,
+    /// Distinct customers per carrier (range rules).
+    pub customers: BTreeMap<String, i64>,
+    /// Distinct origins (customers or lines).
+    pub distinct_origins: i64,
+    /// Total calls.
+    pub total_calls: i64,
+    /// Total spend, micro-EUR.
+    pub total_spend: i64,
+    /// Concurrent calls.
+    pub concurrent: i64,
+    /// Window bounds.
+    pub window: (Millis, Millis),
+    /// Thresholds compared against.
+    pub thresholds: BTreeMap<String, String>,
+    /// Ranges involved.
+    pub ranges: Vec<String>,
+}
+
+/// A rule fired for an event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Finding {
+    /// Rule.
+    pub rule: Rule,
+    /// Severity.
+    pub severity: Severity,
+    /// Scope holding the incident state.
+    pub scope: Scope,
+    /// Incident key within the scope (rule plus sub-key).
+    pub incident_key: String,
+    /// Subject.
+    pub subject: FindingSubject,
+    /// Evidence.
+    pub evidence: FindingEvidence,
+    /// Analyst-facing sentence.
+    pub summary: String,
+    /// Recommended action.
+    pub action: String,
+    /// Event time of the triggering event's phase.
+    pub at: Millis,
+    /// Triggering event key (provider/event).
+    pub trigger: (String, String),
+    /// Providers involved.
+    pub providers: Vec<String>,
+    /// Magnitude used to decide whether an update is material (calls,
+    /// spend, customers… whichever the rule is about).
+    pub magnitude: i64,
+}
+
+const MIN: i64 = 60_000;
+const SPEND_DAILY_BUCKET: i64 = 15 * MIN;
+
+/// Indices of the ops in a customer-scope update.
+#[derive(Debug, Clone, Copy, Default)]
+struct CustomerIdx {
+    spend_h: Option<usize>,
+    spend_d: Option<usize>,
+    hr_calls: Option<usize>,
+    hr_spend: Option<usize>,
+    hr_lines: Option<usize>,
+    overlap: Option<usize>,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct RangeIdx {
+    customers: Option<usize>,
+    calls: Option<usize>,
+    spend: Option<usize>,
+}
+
+/// The plan for one event: its updates and where their results are.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    /// Updates (0..=2).
+    pub updates: Vec<Update>,
+    cust: Option<(usize, CustomerIdx)>,
+    range: Option<(usize, RangeIdx)>,
+    now: Millis,
+}
+
+/// The consortium hot list: entries `number:<token value>` and
+/// `range:<range>`.
+#[derive(Debug, Clone, Default)]
+pub struct HotList {
+    entries: HashSet<String>,
+}
+
+impl HotList {
+    /// Builds from entries.
+    pub fn new(entries: impl IntoIterator<Item = String>) -> Self {
+        Self {
+            entries: entries.into_iter().collect(),
+        }
+    }
+
+    /// Entry for a range.
+    pub fn range_entry(range: &str) -> String {
+        format!("range:{range}")
+    }
+
+    /// Entry for a number token value.
+    pub fn number_entry(token_value: &str) -> String {
+        format!("number:{token_value}")
+    }
+
+    /// Number of entries.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// True when empty.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    fn contains(&self, e: &str) -> bool {
+        self.entries.contains(e)
+    }
+}
+
+/// Plans updates and evaluates rules.
+#[derive(Debug, Clone)]
+pub struct Detector {
+    cfg: Arc<RulesConfig>,
+    th: Thresholds,
+    policies: Arc<Policies>,
+    default_policy: Policy,
+    hot: Arc<HotList>,
+}
+
+fn bucket(t: Millis, width: i64) -> i64 {
+    t.div_euclid(width)
+}
+
+/// Formats a range as "+670 77" using its country code.
+pub fn pretty_range(range: &str, cc: u16) -> String {
+    let ccs = cc.to_string();
+    match range.strip_prefix('+').and_then(|r| r.strip_prefix(ccs.as_str())) {
+        Some(rest) if !rest.is_empty() && cc != 0 => format!("+{ccs} {rest}"),
+        _ => range.to_string(),
+    }
+}
+
+fn carriers_list(m: &BTreeMap<String, i64>) -> String {
+    m.iter()
+        .filter(|(_, v)| **v > 0)
+        .map(|(k, v)| format!("{k} {v}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn active(m: &BTreeMap<String, i64>) -> Vec<String> {
+    m.iter().filter(|(_, v)| **v > 0).map(|(k, _)| k.clone()).collect()
+}
+
+impl Detector {
+    /// Builds a detector. The config must have been validated.
+    pub fn new(cfg: RulesConfig, policies: Policies, hot: HotList) -> Result<Self, crate::error::ConfigError> {
+        let th = cfg.validate()?;
+        let default_policy = Policy {
+            daily_cap: th.daily_cap,
+            hourly_cap: th.hourly_cap,
+            channels: cfg.concurrency.default_channels,
+        };
+        Ok(Self {
+            cfg: Arc::new(cfg),
+            th,
+            policies: Arc::new(policies),
+            default_policy,
+            hot: Arc::new(hot),
+        })
+    }
+
+    /// The default policy (for customers without one).
+    pub fn default_policy(&self) -> &Policy {
+        &self.default_policy
+    }
+
+    /// The rules configuration.
+    pub fn config(&self) -> &RulesConfig {
+        &self.cfg
+    }
+
+    /// Replaces the hot list (refreshed from the store by the service).
+    pub fn set_hot_list(&mut self, hot: HotList) {
+        self.hot = Arc::new(hot);
+    }
+
+    /// Replaces the policies (SIGHUP reload).
+    pub fn set_policies(&mut self, p: Policies) {
+        self.policies = Arc::new(p);
+    }
+
+    fn policy(&self, e: &CallEvent) -> &Policy {
+        e.customer
+            .as_ref()
+            .and_then(|c| self.policies.get(c))
+            .unwrap_or(&self.default_policy)
+    }
+
+    /// Plans the store updates for one event.
+    pub fn plan(&self, e: &CallEvent) -> Plan {
+        let cfg = &self.cfg;
+        let now = e.phase_time();
+        let ttl = (cfg.general.state_ttl_s * 1000) as i64;
+        let call_ttl = (cfg.general.call_ttl_s * 1000) as i64;
+        let ck = e.call_key();
+        let prov = e.provider_id.clone();
+        let outbound = e.direction == Direction::Outbound;
+        let remote = e.remote();
+        let mut updates = Vec::new();
+
+        // Customer scope.
+        let mut ops = Vec::new();
+        let mut ci = CustomerIdx::default();
+        let call_key = format!("call:{ck}");
+        if outbound {
+            ops.push(Op::CallMax {
+                key: call_key.clone(),
+                field: "s".into(),
+                value: e.estimated_charge,
+                ttl_ms: call_ttl,
+            });
+            ops.push(Op::CallMax {
+                key: call_key.clone(),
+                field: "n".into(),
+                value: 1,
+                ttl_ms: call_ttl,
+            });
+            let (spend, newcall) = (0usize, 1usize);
+            if cfg.spend_cap.enabled {
+                ops.push(Op::Add {
+                    key: "sh".into(),
+                    bucket: bucket(e.start_time, MIN),
+                    group: prov.clone(),
+                    delta: Val::Ref(spend),
+                });
+                ops.push(Op::Add {
+                    key: "sd".into(),
+                    bucket: bucket(e.start_time, SPEND_DAILY_BUCKET),
+                    group: prov.clone(),
+                    delta: Val::Ref(spend),
+                });
+                ci.spend_h = Some(ops.len());
+                ops.push(Op::Sum {
+                    key: "sh".into(),
+                    from: bucket(now - 3_600_000, MIN) + 1,
+                    to: bucket(now, MIN),
+                    prune_before: bucket(now - 3_600_000 - lateness(cfg), MIN),
+                });
+                ci.spend_d = Some(ops.len());
+                ops.push(Op::Sum {
+                    key: "sd".into(),
+                    from: bucket(now - 86_400_000, SPEND_DAILY_BUCKET) + 1,
+                    to: bucket(now, SPEND_DAILY_BUCKET),
+                    prune_before: bucket(now - 86_400_000 - lateness(cfg), SPEND_DAILY_BUCKET),
+                });
+            }
+            let b = &cfg.multi_carrier_burst;
+            if b.enabled && remote.risk_tier >= b.min_risk_tier {
+                let w = (b.window_s * 1000) as i64;
+                ops.push(Op::Add {
+                    key: "hc".into(),
+                    bucket: bucket(e.start_time, MIN),
+                    group: prov.clone(),
+                    delta: Val::Ref(newcall),
+                });
+                ops.push(Op::Add {
+                    key: "hs".into(),
+                    bucket: bucket(e.start_time, MIN),
+                    group: prov.clone(),
+                    delta: Val::Ref(spend),
+                });
+                ops.push(Op::Mark {
+                    key: "hl".into(),
+                    group: prov.clone(),
+                    id: e.line.value.clone(),
+                    ts: now,
+                });
+                let from = bucket(now - w, MIN) + 1;
+                let prune = bucket(now - w - lateness(cfg), MIN);
+                ci.hr_calls = Some(ops.len());
+                ops.push(Op::Sum {
+                    key: "hc".into(),
+                    from,
+                    to: bucket(now, MIN),
+                    prune_before: prune,
+                });
+                ci.hr_spend = Some(ops.len());
+                ops.push(Op::Sum {
+                    key: "hs".into(),
+                    from,
+                    to: bucket(now, MIN),
+                    prune_before: prune,
+                });
+                ci.hr_lines = Some(ops.len());
+                ops.push(Op::Distinct {
+                    key: "hl".into(),
+                    since: now - w,
+                    prune_before: now - w - lateness(cfg),
+                });
+            }
+        }
+        if cfg.concurrency.enabled {
+            let horizon = (cfg.concurrency.open_call_horizon_s * 1000) as i64;
+            ops.push(Op::Span {
+                key: "sp".into(),
+                id: ck.clone(),
+                group: prov.clone(),
+                start: e.answer_time.unwrap_or(e.start_time),
+                end: now,
+                closed: e.phase == Phase::End,
+            });
+            ci.overlap = Some(ops.len());
+            ops.push(Op::Overlap {
+                key: "sp".into(),
+                at: now,
+                open_horizon: horizon,
+                prune_before: now - horizon - lateness(cfg) - 3_600_000,
+            });
+        }
+        let cust = if ops.is_empty() {
+            None
+        } else {
+            updates.push(Update {
+                scope: Scope::Customer(e.subject().compact()),
+                dedupe: e.event_key(),
+                ttl_ms: ttl,
+                ops,
+            });
+            Some((updates.len() - 1, ci))
+        };
+
+        // Range scope.
+        let d = &cfg.destination_convergence;
+        let range = if outbound && d.enabled && remote.risk_tier >= d.min_risk_tier {
+            let w = (d.window_s * 1000) as i64;
+            let mut ops = Vec::new();
+            let mut ri = RangeIdx::default();
+            ops.push(Op::CallMax {
+                key: call_key.clone(),
+                field: "n".into(),
+                value: 1,
+                ttl_ms: call_ttl,
+            });
+            ops.push(Op::CallMax {
+                key: call_key,
+                field: "s".into(),
+                value: e.estimated_charge,
+                ttl_ms: call_ttl,
+            });
+            ops.push(Op::Add {
+                key: "rn".into(),
+                bucket: bucket(e.start_time, MIN),
+                group: prov.clone(),
+                delta: Val::Ref(0),
+            });
+            ops.push(Op::Add {
+                key: "rs".into(),
+                bucket: bucket(e.start_time, MIN),
+                group: prov.clone(),
+                delta: Val::Ref(1),
+            });
+            ops.push(Op::Mark {
+                key: "rc".into(),
+                group: prov,
+                id: e.subject().compact(),
+                ts: now,
+            });
+            let from = bucket(now - w, MIN) + 1;
+            let prune = bucket(now - w - lateness(cfg), MIN);
+            ri.calls = Some(ops.len());
+            ops.push(Op::Sum {
+                key: "rn".into(),
+                from,
+                to: bucket(now, MIN),
+                prune_before: prune,
+            });
+            ri.spend = Some(ops.len());
+            ops.push(Op::Sum {
+                key: "rs".into(),
+                from,
+                to: bucket(now, MIN),
+                prune_before: prune,
+            });
+            ri.customers = Some(ops.len());
+            ops.push(Op::Distinct {
+                key: "rc".into(),
+                since: now - w,
+                prune_before: now - w - lateness(cfg),
+            });
+            updates.push(Update {
+                scope: Scope::Range(remote.range.clone()),
+                dedupe: e.event_key(),
+                ttl_ms: ttl,
+                ops,
+            });
+            Some((updates.len() - 1, ri))
+        } else {
+            None
+        };
+        Plan {
+            updates,
+            cust,
+            range,
+            now,
+        }
+    }
+
+    /// Evaluates the rules for `e` given the outcomes of its plan's updates
+    /// (same order as `plan.updates`).
+    pub fn evaluate(&self, e: &CallEvent, plan: &Plan, outcomes: &[Outcome]) -> Vec<Finding> {
+        let mut out = Vec::new();
+        let get = |u: usize, i: Option<usize>| -> Groups {
+            i.and_then(|i| outcomes.get(u).and_then(|o| o.results.get(i)))
+                .map(OpResult::groups)
+                .unwrap_or_default()
+        };
+        let now = plan.now;
+        let remote = e.remote();
+        let pr = pretty_range(&remote.range, remote.country_code);
+        let who = e.subject().short();
+        let policy = self.policy(e);
+        let cfg = &self.cfg;
+        let base = |rule: Rule, severity: Severity, scope: Scope, key: String| Finding {
+            rule,
+            severity,
+            scope,
+            incident_key: key,
+            subject: FindingSubject::default(),
+            evidence: FindingEvidence::default(),
+            summary: String::new(),
+            action: String::new(),
+            at: now,
+            trigger: (e.provider_id.clone(), e.event_id.clone()),
+            providers: Vec::new(),
+            magnitude: 0,
+        };
+        let cust_scope = Scope::Customer(e.subject().compact());
+        let cust_subject = FindingSubject {
+            customer: Some(e.subject().clone()),
+            ..Default::default()
+        };
+
+        if let Some((u, ci)) = plan.cust {
+            // spend_cap
+            if cfg.spend_cap.enabled && ci.spend_d.is_some() {
+                let d = get(u, ci.spend_d);
+                let h = get(u, ci.spend_h);
+                let ratio = cfg.spend_cap.warning_ratio;
+                let level = |v: i64, cap: i64| {
+                    if v >= cap {
+                        Some(Severity::Critical)
+                    } else if v as f64 >= cap as f64 * ratio {
+                        Some(Severity::Warning)
+                    } else {
+                        None
+                    }
+                };
+                let ld = level(d.total, policy.daily_cap);
+                let lh = level(h.total, policy.hourly_cap);
+                if let Some(sev) = ld.max(lh) {
+                    let (g, cap, span, win) = if ld >= lh {
+                        (&d, policy.daily_cap, "24 h", 86_400_000)
+                    } else {
+                        (&h, policy.hourly_cap, "hour", 3_600_000)
+                    };
+                    let mut f = base(Rule::SpendCap, sev, cust_scope.clone(), "spend_cap".into());
+                    f.subject = cust_subject.clone();
+                    f.evidence.spend = g.by.clone();
+                    f.evidence.total_spend = g.total;
+                    f.evidence.window = (now - win, now);
+                    f.evidence.ranges = vec![remote.range.clone()];
+                    f.evidence.thresholds.insert("daily_cap_eur".into(), format_amount(policy.daily_cap));
+                    f.evidence.thresholds.insert("hourly_cap_eur".into(), format_amount(policy.hourly_cap));
+                    f.evidence.thresholds.insert("warning_ratio".into(), ratio.to_string());
+                    f.providers = active(&g.by);
+                    f.magnitude = g.total;
+                    f.summary = format!(
+                        "Customer {who} spent an estimated {} in the last {span} across {} carrier(s) ({}); its cap is {}.",
+                        format_eur(g.total),
+                        f.providers.len(),
+                        g.by.iter().map(|(k, v)| format!("{k} {}", format_eur(*v))).collect::<Vec<_>>().join(", "),
+                        format_eur(cap)
+                    );
+                    f.action = format!(
+                        "Bar international calls for customer {who} at {} until the customer confirms the traffic; last destination {pr}.",
+                        f.providers.join(" and ")
+                    );
+                    out.push(f);
+                }
+            }
+            // multi_carrier_burst
+            let b = &cfg.multi_carrier_burst;
+            if b.enabled && ci.hr_calls.is_some() {
+                let calls = get(u, ci.hr_calls);
+                let spend = get(u, ci.hr_spend);
+                let lines = get(u, ci.hr_lines);
+                let carriers = active(&calls.by);
+                if carriers.len() >= b.min_carriers && calls.total >= b.warning_calls {
+                    let sev = if calls.total >= b.critical_calls
+                        || spend.total >= self.th.burst_critical_spend
+                    {
+                        Severity::Critical
+                    } else {
+                        Severity::Warning
+                    };
+                    let mut f = base(Rule::MultiCarrierBurst, sev, cust_scope.clone(), "multi_carrier_burst".into());
+                    f.subject = FindingSubject {
+                        customer: Some(e.subject().clone()),
+                        range: Some(remote.range.clone()),
+                        country: Some(remote.country.clone()),
+                        number: None,
+                    };
+                    let w = (b.window_s * 1000) as i64;
+                    f.evidence.calls = calls.by.clone();
+                    f.evidence.spend = spend.by.clone();
+                    f.evidence.total_calls = calls.total;
+                    f.evidence.total_spend = spend.total;
+                    f.evidence.distinct_origins = lines.total;
+                    f.evidence.window = (now - w, now);
+                    f.evidence.ranges = vec![remote.range.clone()];
+                    let t = &mut f.evidence.thresholds;
+                    t.insert("window_s".into(), b.window_s.to_string());
+                    t.insert("min_carriers".into(), b.min_carriers.to_string());
+                    t.insert("warning_calls".into(), b.warning_calls.to_string());
+                    t.insert("critical_calls".into(), b.critical_calls.to_string());
+                    t.insert("critical_spend_eur".into(), format_amount(self.th.burst_critical_spend));
+                    t.insert("min_risk_tier".into(), b.min_risk_tier.as_str().into());
+                    f.providers = carriers.clone();
+                    f.magnitude = calls.total;
+                    f.summary = format!(
+                        "Customer {who} made {} calls to {} risk destinations ({pr}, {}) through {} carriers at once ({}) within {} min, est. {}, from {} line(s); no single carrier saw more than {}.",
+                        calls.total,
+                        remote.risk_tier.as_str(),
+                        remote.country,
+                        carriers.len(),
+                        carriers_list(&calls.by),
+                        b.window_s / 60,
+                        format_eur(spend.total),
+                        lines.total,
+                        calls.by.values().max().copied().unwrap_or(0),
+                    );
+                    f.action = format!(
+                        "Block {pr} for customer {who} at {} now and check the customer's PBX for compromise (typical PBX hack).",
+                        carriers.join(" and ")
+                    );
+                    out.push(f);
+                }
+            }
+            // concurrency
+            let c = &cfg.concurrency;
+            if c.enabled && ci.overlap.is_some() {
+                let ov = get(u, ci.overlap);
+                if ov.total > policy.channels {
+                    let sev = if ov.total as f64 >= policy.channels as f64 * c.critical_factor {
+                        Severity::Critical
+                    } else {
+                        Severity::Warning
+                    };
+                    let mut f = base(Rule::Concurrency, sev, cust_scope.clone(), "concurrency".into());
+                    f.subject = cust_subject.clone();
+                    f.evidence.calls = ov.by.clone();
+                    f.evidence.concurrent = ov.total;
+                    f.evidence.total_calls = ov.total;
+                    f.evidence.window = (now, now);
+                    f.evidence.thresholds.insert("channels".into(), policy.channels.to_string());
+                    f.evidence.thresholds.insert("critical_factor".into(), c.critical_factor.to_string());
+                    f.providers = active(&ov.by);
+                    f.magnitude = ov.total;
+                    f.summary = format!(
+                        "Customer {who} had {} simultaneous calls across {} carrier(s) ({}); its channel count is {}.",
+                        ov.total,
+                        f.providers.len(),
+                        carriers_list(&ov.by),
+                        policy.channels
+                    );
+                    f.action = format!(
+                        "Limit customer {who} to {} channels across carriers and verify the traffic with the customer.",
+                        policy.channels
+                    );
+                    out.push(f);
+                }
+            }
+        }
+
+        // destination_convergence
+        if let Some((u, ri)) = plan.range {
+            let d = &cfg.destination_convergence;
+            let cust = get(u, ri.customers);
+            let carriers = active(&cust.by);
+            if carriers.len() >= d.min_carriers && cust.total >= d.warning_customers {
+                let sev = if cust.total >= d.critical_customers {
+                    Severity::Critical
+                } else {
+                    Severity::Warning
+                };
+                let calls = get(u, ri.calls);
+                let spend = get(u, ri.spend);
+                let mut f = base(
+                    Rule::DestinationConvergence,
+                    sev,
+                    Scope::Range(remote.range.clone()),
+                    "destination_convergence".into(),
+                );
+                f.subject = FindingSubject {
+                    customer: None,
+                    range: Some(remote.range.clone()),
+                    country: Some(remote.country.clone()),
+                    number: None,
+                };
+                let w = (d.window_s * 1000) as i64;
+                f.evidence.customers = cust.by.clone();
+                f.evidence.calls = calls.by.clone();
+                f.evidence.spend = spend.by.clone();
+                f.evidence.total_calls = calls.total;
+                f.evidence.total_spend = spend.total;
+                f.evidence.distinct_origins = cust.total;
+                f.evidence.window = (now - w, now);
+                f.evidence.ranges = vec![remote.range.clone()];
+                let t = &mut f.evidence.thresholds;
+                t.insert("window_s".into(), d.window_s.to_string());
+                t.insert("warning_customers".into(), d.warning_customers.to_string());
+                t.insert("critical_customers".into(), d.critical_customers.to_string());
+                t.insert("min_carriers".into(), d.min_carriers.to_string());
+                f.providers = carriers.clone();
+                f.magnitude = cust.total;
+                f.summary = format!(
+                    "Range {pr} ({}, {} risk) was called by {} distinct customers through {} carriers within {} min (customers per carrier: {}), {} calls, est. {}; each carrier alone saw at most {}.",
+                    remote.country,
+                    remote.risk_tier.as_str(),
+                    cust.total,
+                    carriers.len(),
+                    d.window_s / 60,
+                    carriers_list(&cust.by),
+                    calls.total,
+                    format_eur(spend.total),
+                    cust.by.values().max().copied().unwrap_or(0),
+                );
+                f.action = format!(
+                    "Distributed IRSF campaign likely: block {pr} consortium-wide at {} and add it to the hot list if confirmed.",
+                    carriers.join(", ")
+                );
+                out.push(f);
+            }
+        }
+
+        // hot_number
+        let hcfg = &cfg.hot_number;
+        if hcfg.enabled && e.direction == Direction::Outbound && !self.hot.is_empty() {
+            let num = HotList::number_entry(&e.callee.value);
+            let rng = HotList::range_entry(&remote.range);
+            let hit = if self.hot.contains(&num) {
+                Some((hcfg.number_severity, "number"))
+            } else if self.hot.contains(&rng) {
+                Some((hcfg.range_severity, "range"))
+            } else {
+                None
+            };
+            if let Some((sev, what)) = hit {
+                let key = if what == "number" {
+                    format!("hot_number:{num}")
+                } else {
+                    format!("hot_number:{rng}")
+                };
+                let mut f = base(Rule::HotNumber, sev, cust_scope.clone(), key);
+                f.subject = FindingSubject {
+                    customer: Some(e.subject().clone()),
+                    range: Some(remote.range.clone()),
+                    country: Some(remote.country.clone()),
+                    number: (what == "number").then(|| e.callee.clone()),
+                };
+                f.evidence.calls = BTreeMap::from([(e.provider_id.clone(), 1)]);
+                f.evidence.total_calls = 1;
+                f.evidence.total_spend = e.estimated_charge;
+                f.evidence.window = (e.start_time, now);
+                f.evidence.ranges = vec![remote.range.clone()];
+                f.evidence.thresholds.insert("hot_list_entry".into(), what.into());
+                f.providers = vec![e.provider_id.clone()];
+                f.magnitude = 1;
+                f.summary = format!(
+                    "Customer {who} called a {what} on the consortium hot list ({pr}, {}) via {}.",
+                    remote.country, e.provider_id
+                );
+                f.action = format!(
+                    "Block {pr} for customer {who} at {}: the destination was confirmed as fraud by the consortium.",
+                    e.provider_id
+                );
+                out.push(f);
+            }
+        }
+        out
+    }
+}
+
+fn lateness(cfg: &RulesConfig) -> i64 {
+    (cfg.general.allowed_lateness_s * 1000) as i64
+}

@@ -1,0 +1,425 @@
+//! The correlation engine: plans → one batched store round trip → rules →
+//! incidents → alerts.
+//!
+//! Incidents have stable ids: `inc-` + SHA-256 of (rule, scope, incident key,
+//! episode). Repeated evidence updates the incident (at most every
+//! `update_interval_s` of event time, and only when it grew materially); a
+//! severity rise escalates it; neither opens a duplicate. The incident state
+//! is claimed with a compare-and-set *before* the alert is published and
+//! confirmed after, so a correlator that crashes in between re-publishes the
+//! identical alert (same id and version) on redelivery instead of losing it.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use prost::Message;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tollguard_proto::v1 as pb;
+
+use crate::codec::ts;
+use crate::error::StoreError;
+use crate::model::{CallEvent, Millis};
+use crate::rules::config::Severity;
+use crate::rules::detect::{Detector, Finding, Rule};
+use crate::store::{Scope, StateWrite, WindowStore};
+
+/// Persisted state of one incident.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct IncidentState {
+    /// Incident id.
+    pub id: String,
+    /// Episode number of this (rule, subject).
+    pub episode: u32,
+    /// Last published version.
+    pub version: u32,
+    /// Current severity.
+    pub severity: Severity,
+    /// Event time the incident opened.
+    pub opened_at: Millis,
+    /// Event time of the last published alert.
+    pub last_alert_at: Millis,
+    /// Event time of the latest evidence.
+    pub last_seen: Millis,
+    /// Magnitude at the last published alert.
+    pub last_magnitude: i64,
+    /// Providers in the last published alert.
+    pub providers: Vec<String>,
+    /// Hex-encoded alert claimed but not yet confirmed as published.
+    pub pending: Option<String>,
+    /// Wall time of the claim.
+    pub claimed_wall: Millis,
+}
+
+/// Alerts to publish, and the claims to confirm once they are published.
+#[derive(Debug, Default)]
+pub struct Processed {
+    /// Alerts, in order.
+    pub alerts: Vec<pb::Alert>,
+    /// Confirmations (the claimed state with `pending` cleared).
+    confirms: Vec<StateWrite>,
+    /// Events that were re-deliveries (every update a duplicate).
+    pub duplicates: usize,
+}
+
+/// How long a pending claim of another replica is respected before this
+/// replica re-publishes it.
+const PENDING_GRACE_MS: i64 = 15_000;
+
+/// The engine over a window store.
+#[derive(Debug, Clone)]
+pub struct Engine {
+    store: Arc<dyn WindowStore>,
+    detector: Detector,
+}
+
+fn rule_pb(r: Rule) -> pb::Rule {
+    match r {
+        Rule::SpendCap => pb::Rule::SpendCap,
+        Rule::MultiCarrierBurst => pb::Rule::MultiCarrierBurst,
+        Rule::DestinationConvergence => pb::Rule::DestinationConvergence,
+        Rule::Concurrency => pb::Rule::Concurrency,
+        Rule::SequentialProbe => pb::Rule::SequentialProbe,
+        Rule::HotNumber => pb::Rule::HotNumber,
+        Rule::Wangiri => pb::Rule::Wangiri,
+        Rule::LongDuration => pb::Rule::LongDuration,
+    }
+}
+
+/// Domain severity → protobuf.
+pub fn severity_pb(s: Severity) -> pb::Severity {
+    match s {
+        Severity::Info => pb::Severity::Info,
+        Severity::Warning => pb::Severity::Warning,
+        Severity::Critical => pb::Severity::Critical,
+    }
+}
+
+fn money(micros: i64) -> Option<pb::Money> {
+    Some(pb::Money {
+        currency: "EUR".into(),
+        micros,
+    })
+}
+
+fn token(t: &crate::model::Token) -> pb::Token {
+    pb::Token {
+        key_id: t.key_id.clone(),
+        value: t.value.clone(),
+    }
+}
+
+/// Incident id of (rule, scope, key, episode).
+pub fn incident_id(f: &Finding, episode: u32) -> String {
+    let mut h = Sha256::new();
+    h.update(f.rule.as_str().as_bytes());
+    h.update([0x1f]);
+    h.update(f.scope.tag().as_bytes());
+    h.update([0x1f]);
+    h.update(f.incident_key.as_bytes());
+    h.update([0x1f]);
+    h.update(episode.to_be_bytes());
+    format!("inc-{}", &hex::encode(h.finalize())[..20])
+}
+
+fn build_alert(f: &Finding, st: &IncidentState, kind: pb::AlertKind, wall: Millis) -> pb::Alert {
+    let ev = &f.evidence;
+    let mut providers: Vec<String> = ev
+        .calls
+        .keys()
+        .chain(ev.spend.keys())
+        .chain(ev.customers.keys())
+        .cloned()
+        .collect();
+    providers.sort();
+    providers.dedup();
+    let carriers = providers
+        .iter()
+        .map(|p| pb::CarrierEvidence {
+            provider_id: p.clone(),
+            calls: ev.calls.get(p).copied().unwrap_or(0).max(0) as u64,
+            spend: money(ev.spend.get(p).copied().unwrap_or(0)),
+            distinct_customers: ev.customers.get(p).copied().unwrap_or(0).max(0) as u64,
+        })
+        .collect();
+    pb::Alert {
+        incident_id: st.id.clone(),
+        version: st.version,
+        rule: rule_pb(f.rule) as i32,
+        severity: severity_pb(st.severity) as i32,
+        kind: kind as i32,
+        subject: Some(pb::Subject {
+            customer: f.subject.customer.as_ref().map(token),
+            range: f.subject.range.clone().unwrap_or_default(),
+            country: f.subject.country.clone().unwrap_or_default(),
+            number: f.subject.number.as_ref().map(token),
+        }),
+        providers: f.providers.clone(),
+        evidence: Some(pb::Evidence {
+            carriers,
+            distinct_origins: ev.distinct_origins.max(0) as u64,
+            estimated_spend: money(ev.total_spend),
+            calls: ev.total_calls.max(0) as u64,
+            first_event_time: Some(ts(st.opened_at.min(f.at))),
+            last_event_time: Some(ts(f.at)),
+            window_start: Some(ts(ev.window.0)),
+            window_end: Some(ts(ev.window.1)),
+            thresholds: ev.thresholds.clone().into_iter().collect(),
+            ranges: ev.ranges.clone(),
+            concurrent_calls: ev.concurrent.max(0) as u64,
+        }),
+        summary: f.summary.clone(),
+        recommended_action: f.action.clone(),
+        detected_at: Some(ts(f.at)),
+        published_at: Some(ts(wall)),
+        opened_at: Some(ts(st.opened_at)),
+        trigger_provider_id: f.trigger.0.clone(),
+        trigger_event_id: f.trigger.1.clone(),
+    }
+}
+
+impl Engine {
+    /// An engine over `store`.
+    pub fn new(store: Arc<dyn WindowStore>, detector: Detector) -> Self {
+        Self { store, detector }
+    }
+
+    /// The detector (to refresh hot list or policies).
+    pub fn detector_mut(&mut self) -> &mut Detector {
+        &mut self.detector
+    }
+
+    /// The detector.
+    pub fn detector(&self) -> &Detector {
+        &self.detector
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Arc<dyn WindowStore> {
+        &self.store
+    }
+
+    /// Processes a batch of events (in order). `wall` is the wall clock in
+    /// millis, used only for `published_at` and claim ages.
+    pub async fn process(&self, events: &[CallEvent], wall: Millis) -> Result<Processed, StoreError> {
+        let plans: Vec<_> = events.iter().map(|e| self.detector.plan(e)).collect();
+        let updates: Vec<_> = plans.iter().flat_map(|p| p.updates.iter().cloned()).collect();
+        let outcomes = self.store.apply(&updates).await?;
+        let mut findings = Vec::new();
+        let mut duplicates = 0;
+        let mut i = 0;
+        for (e, p) in events.iter().zip(&plans) {
+            let n = p.updates.len();
+            let oc = &outcomes[i..i + n];
+            i += n;
+            if n > 0 && oc.iter().all(|o| o.duplicate) {
+                duplicates += 1;
+            }
+            findings.extend(self.detector.evaluate(e, p, oc));
+        }
+        let mut out = self.incidents(findings, wall).await?;
+        out.duplicates = duplicates;
+        Ok(out)
+    }
+
+    async fn incidents(&self, findings: Vec<Finding>, wall: Millis) -> Result<Processed, StoreError> {
+        let mut out = Processed::default();
+        if findings.is_empty() {
+            return Ok(out);
+        }
+        let mut keys: Vec<(Scope, String)> = findings
+            .iter()
+            .map(|f| (f.scope.clone(), format!("inc:{}", f.incident_key)))
+            .collect();
+        keys.sort();
+        keys.dedup();
+        let loaded = self.store.get_states(&keys).await?;
+        // Current stored value (raw) per key, advanced as this batch claims.
+        let mut cur: HashMap<(Scope, String), Option<String>> =
+            keys.into_iter().zip(loaded).collect();
+        let cfg = self.detector.config().incidents.clone();
+        // Keys this batch has claimed: their pending marker is ours, not a
+        // crashed replica's.
+        let mut own: std::collections::HashSet<(Scope, String)> = Default::default();
+        for f in findings {
+            let key = (f.scope.clone(), format!("inc:{}", f.incident_key));
+            for _attempt in 0..3 {
+                let raw = cur.get(&key).cloned().flatten();
+                let mut prev: Option<IncidentState> =
+                    raw.as_deref().and_then(|s| serde_json::from_str(s).ok());
+                if own.contains(&key)
+                    && let Some(p) = prev.as_mut()
+                {
+                    p.pending = None;
+                }
+                let Some((next, alert)) = decide(&f, prev.as_ref(), &cfg, wall) else {
+                    break;
+                };
+                let Some(alert) = alert else {
+                    // Only last_seen moved: persist without an alert (keeping
+                    // our own pending claim, if any, for the confirm).
+                    let mut next = next;
+                    if own.contains(&key) {
+                        next.pending = raw
+                            .as_deref()
+                            .and_then(|s| serde_json::from_str::<IncidentState>(s).ok())
+                            .and_then(|p| p.pending);
+                    }
+                    let value = serde_json::to_string(&next).unwrap_or_default();
+                    let w = StateWrite {
+                        scope: key.0.clone(),
+                        name: key.1.clone(),
+                        expect: raw.clone(),
+                        value: value.clone(),
+                        ttl_ms: ttl(&cfg),
+                    };
+                    if self.store.cas_state(&w).await? {
+                        if own.contains(&key)
+                            && let Some(c) = out
+                                .confirms
+                                .iter_mut()
+                                .rev()
+                                .find(|c| c.scope == key.0 && c.name == key.1)
+                        {
+                            next.pending = None;
+                            c.expect = Some(value.clone());
+                            c.value = serde_json::to_string(&next).unwrap_or_default();
+                        }
+                        cur.insert(key.clone(), Some(value));
+                    }
+                    break;
+                };
+                let mut claimed = next.clone();
+                claimed.pending = Some(hex::encode(alert.encode_to_vec()));
+                claimed.claimed_wall = wall;
+                let value = serde_json::to_string(&claimed).unwrap_or_default();
+                let w = StateWrite {
+                    scope: key.0.clone(),
+                    name: key.1.clone(),
+                    expect: raw.clone(),
+                    value: value.clone(),
+                    ttl_ms: ttl(&cfg),
+                };
+                if self.store.cas_state(&w).await? {
+                    let mut confirmed = claimed;
+                    confirmed.pending = None;
+                    let cvalue = serde_json::to_string(&confirmed).unwrap_or_default();
+                    out.confirms.push(StateWrite {
+                        scope: key.0.clone(),
+                        name: key.1.clone(),
+                        expect: Some(value.clone()),
+                        value: cvalue,
+                        ttl_ms: ttl(&cfg),
+                    });
+                    cur.insert(key.clone(), Some(value));
+                    own.insert(key.clone());
+                    out.alerts.push(alert);
+                    break;
+                }
+                // Another replica changed it: reload and decide again.
+                let fresh = self.store.get_states(std::slice::from_ref(&key)).await?;
+                cur.insert(key.clone(), fresh.into_iter().next().flatten());
+            }
+        }
+        Ok(out)
+    }
+
+    /// Confirms that the alerts of `p` were published.
+    pub async fn confirm(&self, p: Processed) -> Result<(), StoreError> {
+        // Several claims on one key in a batch chain onto each other; the
+        // stored value is the last claim, so confirm only that one.
+        let mut last: HashMap<(Scope, String), StateWrite> = HashMap::new();
+        for w in p.confirms {
+            last.insert((w.scope.clone(), w.name.clone()), w);
+        }
+        for (_, w) in last {
+            // If a later claim replaced ours, the CAS fails harmlessly.
+            self.store.cas_state(&w).await?;
+        }
+        Ok(())
+    }
+}
+
+fn ttl(cfg: &crate::rules::config::Incidents) -> i64 {
+    (cfg.quiet_close_s as i64 * 1000) * 2
+}
+
+/// Decides what a finding does to its incident: `None` if nothing changes;
+/// `Some((state, None))` to persist state silently; `Some((state,
+/// Some(alert)))` to claim and publish.
+fn decide(
+    f: &Finding,
+    prev: Option<&IncidentState>,
+    cfg: &crate::rules::config::Incidents,
+    wall: Millis,
+) -> Option<(IncidentState, Option<pb::Alert>)> {
+    let quiet = cfg.quiet_close_s as i64 * 1000;
+    if let Some(p) = prev
+        && let Some(hexed) = &p.pending
+        && wall - p.claimed_wall >= PENDING_GRACE_MS
+    {
+        // A claim that was never confirmed: re-publish the identical alert.
+        let alert = hex::decode(hexed)
+            .ok()
+            .and_then(|b| pb::Alert::decode(b.as_slice()).ok())?;
+        let mut st = p.clone();
+        st.pending = None;
+        return Some((st, Some(alert)));
+    }
+    match prev {
+        Some(p) if p.pending.is_some() => None,
+        Some(p) if f.at - p.last_seen <= quiet => {
+            let mut st = p.clone();
+            st.last_seen = st.last_seen.max(f.at);
+            let mut providers = f.providers.clone();
+            providers.sort();
+            let new_carrier = providers.iter().any(|x| !p.providers.contains(x));
+            if f.severity > p.severity {
+                st.severity = f.severity;
+                st.version += 1;
+                st.last_alert_at = f.at;
+                st.last_magnitude = f.magnitude;
+                st.providers = providers;
+                let a = build_alert(f, &st, pb::AlertKind::Escalated, wall);
+                return Some((st, Some(a)));
+            }
+            let grown = f.magnitude as f64 >= p.last_magnitude as f64 * (1.0 + cfg.update_growth)
+                && f.magnitude > p.last_magnitude;
+            let due = f.at - p.last_alert_at >= cfg.update_interval_s as i64 * 1000;
+            if due && (grown || new_carrier) {
+                st.version += 1;
+                st.last_alert_at = f.at;
+                st.last_magnitude = f.magnitude;
+                st.providers = providers;
+                let a = build_alert(f, &st, pb::AlertKind::Updated, wall);
+                return Some((st, Some(a)));
+            }
+            // Persist last_seen at most once a minute of event time.
+            if f.at - p.last_seen >= 60_000 {
+                Some((st, None))
+            } else {
+                None
+            }
+        }
+        _ => {
+            let episode = prev.map(|p| p.episode + 1).unwrap_or(1);
+            let mut providers = f.providers.clone();
+            providers.sort();
+            let st = IncidentState {
+                id: incident_id(f, episode),
+                episode,
+                version: 1,
+                severity: f.severity,
+                opened_at: f.at,
+                last_alert_at: f.at,
+                last_seen: f.at,
+                last_magnitude: f.magnitude,
+                providers,
+                pending: None,
+                claimed_wall: wall,
+            };
+            let a = build_alert(f, &st, pb::AlertKind::Opened, wall);
+            Some((st, Some(a)))
+        }
+    }
+}

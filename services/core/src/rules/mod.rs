@@ -1,0 +1,10 @@
+//! Detection: configuration, the detector (plans and rules) and the
+//! incident engine.
+
+pub mod config;
+pub mod detect;
+pub mod engine;
+
+pub use config::{Policies, Policy, RulesConfig, Severity};
+pub use detect::{Detector, Finding, HotList, Rule};
+pub use engine::{Engine, Processed};

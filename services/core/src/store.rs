@@ -1,0 +1,649 @@
+//! The window store: shared, windowed state of the correlators.
+//!
+//! Rules never touch a backend directly. For each event the detector plans
+//! [`Update`]s — one per *scope* (a customer or a destination range) — each a
+//! short list of [`Op`]s on keys inside that scope. A store applies an update
+//! atomically: the event's dedupe marker and every write happen together or
+//! not at all, and a re-delivered event (same dedupe id) changes nothing but
+//! still gets the reads, so a correlator that crashed before publishing can
+//! re-evaluate. Every key lives under `tg:{<scope>}:` (one Redis Cluster hash
+//! slot per scope) and carries a TTL.
+//!
+//! [`MemoryStore`] is the embedded implementation; the Redis implementation
+//! lives in `tollguard-runtime` and runs the same op list as one Lua script.
+//! One shared test suite (`tests/store_suite.rs`) runs against both.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fmt;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+
+use crate::error::StoreError;
+
+/// A partition of state: every key of one scope hashes to one slot.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Scope {
+    /// A customer (pseudonym, or line pseudonym when no customer is known).
+    Customer(String),
+    /// A destination range such as `+67077`.
+    Range(String),
+    /// Consortium-wide state (hot list).
+    Global,
+}
+
+impl Scope {
+    /// Hash tag content: `c:<token>`, `r:<range>` or `g`.
+    pub fn tag(&self) -> String {
+        match self {
+            Scope::Customer(c) => format!("c:{c}"),
+            Scope::Range(r) => format!("r:{r}"),
+            Scope::Global => "g".to_string(),
+        }
+    }
+
+    /// Full key of `name` in this scope: `tg:{c:…}:name`.
+    pub fn key(&self, prefix: &str, name: &str) -> String {
+        format!("{prefix}{{{}}}:{name}", self.tag())
+    }
+}
+
+/// An integer argument: a constant or the integer result of an earlier op of
+/// the same update (0 if that op was skipped as a duplicate).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Val {
+    /// A constant.
+    Const(i64),
+    /// Result of op number `n` (0-based) of the same update.
+    Ref(usize),
+}
+
+/// One operation on a key of the update's scope. Writes are skipped when the
+/// update is a duplicate; reads always run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Op {
+    /// Write. Per-call monotonic maximum of `field` in the small hash `key`
+    /// (which expires after `ttl_ms`). Returns the increase over the previous
+    /// maximum (absent = 0), never negative.
+    CallMax {
+        /// Key name.
+        key: String,
+        /// Field.
+        field: String,
+        /// New observation.
+        value: i64,
+        /// TTL of the per-call key.
+        ttl_ms: i64,
+    },
+    /// Write. Adds `delta` to bucket `bucket` of group `group` in the bucketed
+    /// counter `key`.
+    Add {
+        /// Key name.
+        key: String,
+        /// Bucket index (event time / bucket width).
+        bucket: i64,
+        /// Group, e.g. the provider id.
+        group: String,
+        /// Amount.
+        delta: Val,
+    },
+    /// Read. Sum of buckets `from..=to` of `key`, in total and per group;
+    /// deletes buckets older than `prune_before`.
+    Sum {
+        /// Key name.
+        key: String,
+        /// First bucket.
+        from: i64,
+        /// Last bucket.
+        to: i64,
+        /// Buckets below this are deleted.
+        prune_before: i64,
+    },
+    /// Write. Records that `id` of `group` was seen at `ts` (keeps the
+    /// latest time).
+    Mark {
+        /// Key name.
+        key: String,
+        /// Group, e.g. provider id.
+        group: String,
+        /// Member id, e.g. a customer token.
+        id: String,
+        /// Event time.
+        ts: i64,
+    },
+    /// Read. Distinct ids seen at or after `since`: total distinct ids and
+    /// distinct ids per group; deletes members last seen before
+    /// `prune_before`.
+    Distinct {
+        /// Key name.
+        key: String,
+        /// Window start.
+        since: i64,
+        /// Members older than this are deleted.
+        prune_before: i64,
+    },
+    /// Write. Records the interval of call `id` (of `group`): the union of
+    /// all observations (earliest start, latest end); `closed` once the call
+    /// ended.
+    Span {
+        /// Key name.
+        key: String,
+        /// Call id.
+        id: String,
+        /// Group (provider).
+        group: String,
+        /// Call start.
+        start: i64,
+        /// Latest known time the call was up.
+        end: i64,
+        /// The call has ended.
+        closed: bool,
+    },
+    /// Read. Number of calls up at `at`, in total and per group: closed
+    /// spans with `start <= at <= end`, open spans with
+    /// `start <= at <= end + open_horizon`. Deletes spans whose end (plus the
+    /// horizon for open ones) is before `prune_before`.
+    Overlap {
+        /// Key name.
+        key: String,
+        /// Evaluation time.
+        at: i64,
+        /// How long an open call is assumed to continue after its last
+        /// observation.
+        open_horizon: i64,
+        /// Spans ending before this are deleted.
+        prune_before: i64,
+    },
+}
+
+impl Op {
+    /// True for ops that change state.
+    pub fn is_write(&self) -> bool {
+        matches!(
+            self,
+            Op::CallMax { .. } | Op::Add { .. } | Op::Mark { .. } | Op::Span { .. }
+        )
+    }
+}
+
+/// Result of a read op over groups.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Groups {
+    /// Total (sum, distinct ids, or concurrent calls).
+    pub total: i64,
+    /// Per group.
+    pub by: BTreeMap<String, i64>,
+}
+
+/// Result of one op.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OpResult {
+    /// A write with no value.
+    None,
+    /// An integer (CallMax).
+    Int(i64),
+    /// A grouped read.
+    Groups(Groups),
+}
+
+impl OpResult {
+    /// Integer value (0 unless `Int`).
+    pub fn int(&self) -> i64 {
+        match self {
+            OpResult::Int(v) => *v,
+            _ => 0,
+        }
+    }
+
+    /// Groups (empty unless `Groups`).
+    pub fn groups(&self) -> Groups {
+        match self {
+            OpResult::Groups(g) => g.clone(),
+            _ => Groups::default(),
+        }
+    }
+}
+
+/// An atomic update of one scope.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Update {
+    /// The scope.
+    pub scope: Scope,
+    /// Dedupe id (provider/event id): writes apply at most once per id.
+    pub dedupe: String,
+    /// TTL of every key written and of the dedupe marker.
+    pub ttl_ms: i64,
+    /// The ops, in order.
+    pub ops: Vec<Op>,
+}
+
+/// Outcome of an update.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outcome {
+    /// The dedupe id had been applied before: no write happened.
+    pub duplicate: bool,
+    /// One result per op.
+    pub results: Vec<OpResult>,
+}
+
+/// A compare-and-set of a small state value (incident state).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StateWrite {
+    /// Scope.
+    pub scope: Scope,
+    /// Name within the scope.
+    pub name: String,
+    /// Expected current value (`None` = must be absent).
+    pub expect: Option<String>,
+    /// New value.
+    pub value: String,
+    /// TTL.
+    pub ttl_ms: i64,
+}
+
+/// Shared windowed state. Implementations must give identical results for
+/// identical update sequences (the shared suite checks this).
+#[async_trait]
+pub trait WindowStore: Send + Sync + fmt::Debug {
+    /// Applies updates in order (each atomically) and returns their outcomes.
+    async fn apply(&self, updates: &[Update]) -> Result<Vec<Outcome>, StoreError>;
+    /// Reads state values.
+    async fn get_states(&self, keys: &[(Scope, String)]) -> Result<Vec<Option<String>>, StoreError>;
+    /// Compare-and-set of one state value; true if it was written.
+    async fn cas_state(&self, write: &StateWrite) -> Result<bool, StoreError>;
+    /// Members of a consortium-wide set (e.g. the hot list).
+    async fn set_members(&self, name: &str) -> Result<Vec<String>, StoreError>;
+    /// Adds a member to a consortium-wide set; true if it was new.
+    async fn set_add(&self, name: &str, member: &str) -> Result<bool, StoreError>;
+    /// Checks the backend is reachable.
+    async fn ping(&self) -> Result<(), StoreError>;
+}
+
+/// A value of the memory store.
+#[derive(Debug, Clone)]
+enum Value {
+    Hash(HashMap<String, i64>),
+    ZSet(HashMap<String, i64>),
+    Spans(HashMap<String, (i64, i64, bool, String)>),
+    Str(String),
+    Set(HashSet<String>),
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    data: HashMap<String, Value>,
+    expiry: HashMap<String, Instant>,
+    ops_since_sweep: usize,
+}
+
+impl Inner {
+    fn alive(&mut self, key: &str) -> bool {
+        match self.expiry.get(key) {
+            Some(t) if *t <= Instant::now() => {
+                self.expiry.remove(key);
+                self.data.remove(key);
+                false
+            }
+            _ => self.data.contains_key(key),
+        }
+    }
+
+    fn touch(&mut self, key: &str, ttl_ms: i64) {
+        self.expiry.insert(
+            key.to_string(),
+            Instant::now() + Duration::from_millis(ttl_ms.max(1) as u64),
+        );
+    }
+
+    fn sweep(&mut self) {
+        self.ops_since_sweep += 1;
+        if self.ops_since_sweep < 10_000 {
+            return;
+        }
+        self.ops_since_sweep = 0;
+        let now = Instant::now();
+        let dead: Vec<String> = self
+            .expiry
+            .iter()
+            .filter(|(_, t)| **t <= now)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in dead {
+            self.expiry.remove(&k);
+            self.data.remove(&k);
+        }
+    }
+
+    fn hash(&mut self, key: &str) -> &mut HashMap<String, i64> {
+        self.alive(key);
+        match self
+            .data
+            .entry(key.to_string())
+            .or_insert_with(|| Value::Hash(HashMap::new()))
+        {
+            Value::Hash(h) => h,
+            other => {
+                *other = Value::Hash(HashMap::new());
+                match other {
+                    Value::Hash(h) => h,
+                    _ => unreachable!(),
+                }
+            }
+        }
+    }
+
+    fn zset(&mut self, key: &str) -> &mut HashMap<String, i64> {
+        self.alive(key);
+        match self
+            .data
+            .entry(key.to_string())
+            .or_insert_with(|| Value::ZSet(HashMap::new()))
+        {
+            Value::ZSet(h) => h,
+            other => {
+                *other = Value::ZSet(HashMap::new());
+                match other {
+                    Value::ZSet(h) => h,
+                    _ => unreachable!(),
+                }
+            }
+        }
+    }
+
+    fn spans(&mut self, key: &str) -> &mut HashMap<String, (i64, i64, bool, String)> {
+        self.alive(key);
+        match self
+            .data
+            .entry(key.to_string())
+            .or_insert_with(|| Value::Spans(HashMap::new()))
+        {
+            Value::Spans(h) => h,
+            other => {
+                *other = Value::Spans(HashMap::new());
+                match other {
+                    Value::Spans(h) => h,
+                    _ => unreachable!(),
+                }
+            }
+        }
+    }
+
+    fn apply(&mut self, prefix: &str, u: &Update) -> Outcome {
+        self.sweep();
+        let marker = u.scope.key(prefix, &format!("ev:{}", u.dedupe));
+        let duplicate = self.alive(&marker);
+        if !duplicate {
+            self.data.insert(marker.clone(), Value::Str("1".into()));
+            self.touch(&marker, u.ttl_ms);
+        }
+        let mut results: Vec<OpResult> = Vec::with_capacity(u.ops.len());
+        for op in &u.ops {
+            let r = if duplicate && op.is_write() {
+                match op {
+                    Op::CallMax { .. } => OpResult::Int(0),
+                    _ => OpResult::None,
+                }
+            } else {
+                self.op(prefix, u, op, &results)
+            };
+            results.push(r);
+        }
+        Outcome {
+            duplicate,
+            results,
+        }
+    }
+
+    fn op(&mut self, prefix: &str, u: &Update, op: &Op, prev: &[OpResult]) -> OpResult {
+        let k = |name: &str| u.scope.key(prefix, name);
+        match op {
+            Op::CallMax {
+                key,
+                field,
+                value,
+                ttl_ms,
+            } => {
+                let key = k(key);
+                let h = self.hash(&key);
+                let old = h.get(field).copied().unwrap_or(0);
+                let inc = (*value - old).max(0);
+                if *value > old {
+                    h.insert(field.clone(), *value);
+                }
+                self.touch(&key, *ttl_ms);
+                OpResult::Int(inc)
+            }
+            Op::Add {
+                key,
+                bucket,
+                group,
+                delta,
+            } => {
+                let d = match delta {
+                    Val::Const(v) => *v,
+                    Val::Ref(i) => prev.get(*i).map(OpResult::int).unwrap_or(0),
+                };
+                if d != 0 {
+                    let key = k(key);
+                    *self.hash(&key).entry(format!("{bucket}|{group}")).or_insert(0) += d;
+                    self.touch(&key, u.ttl_ms);
+                }
+                OpResult::None
+            }
+            Op::Sum {
+                key,
+                from,
+                to,
+                prune_before,
+            } => {
+                let key = k(key);
+                if !self.alive(&key) {
+                    return OpResult::Groups(Groups::default());
+                }
+                let h = self.hash(&key);
+                let mut g = Groups::default();
+                h.retain(|f, v| {
+                    let (b, grp) = f.split_once('|').unwrap_or((f, ""));
+                    let b: i64 = b.parse().unwrap_or(i64::MIN);
+                    if b < *prune_before {
+                        return false;
+                    }
+                    if b >= *from && b <= *to {
+                        g.total += *v;
+                        *g.by.entry(grp.to_string()).or_insert(0) += *v;
+                    }
+                    true
+                });
+                OpResult::Groups(g)
+            }
+            Op::Mark { key, group, id, ts } => {
+                let key = k(key);
+                let z = self.zset(&key);
+                let e = z.entry(format!("{group}|{id}")).or_insert(*ts);
+                if *ts > *e {
+                    *e = *ts;
+                }
+                self.touch(&key, u.ttl_ms);
+                OpResult::None
+            }
+            Op::Distinct {
+                key,
+                since,
+                prune_before,
+            } => {
+                let key = k(key);
+                if !self.alive(&key) {
+                    return OpResult::Groups(Groups::default());
+                }
+                let z = self.zset(&key);
+                z.retain(|_, ts| *ts >= *prune_before);
+                let mut ids = HashSet::new();
+                let mut g = Groups::default();
+                for (m, ts) in z.iter() {
+                    if *ts >= *since {
+                        let (grp, id) = m.split_once('|').unwrap_or(("", m));
+                        ids.insert(id.to_string());
+                        *g.by.entry(grp.to_string()).or_insert(0) += 1;
+                    }
+                }
+                g.total = ids.len() as i64;
+                OpResult::Groups(g)
+            }
+            Op::Span {
+                key,
+                id,
+                group,
+                start,
+                end,
+                closed,
+            } => {
+                let key = k(key);
+                let s = self.spans(&key);
+                let e = s
+                    .entry(id.clone())
+                    .or_insert((*start, *end, *closed, group.clone()));
+                e.0 = e.0.min(*start);
+                e.1 = e.1.max(*end);
+                e.2 |= *closed;
+                self.touch(&key, u.ttl_ms);
+                OpResult::None
+            }
+            Op::Overlap {
+                key,
+                at,
+                open_horizon,
+                prune_before,
+            } => {
+                let key = k(key);
+                if !self.alive(&key) {
+                    return OpResult::Groups(Groups::default());
+                }
+                let s = self.spans(&key);
+                let mut g = Groups::default();
+                s.retain(|_, (start, end, closed, grp)| {
+                    let until = if *closed { *end } else { *end + *open_horizon };
+                    if until < *prune_before {
+                        return false;
+                    }
+                    if *start <= *at && *at <= until {
+                        g.total += 1;
+                        *g.by.entry(grp.clone()).or_insert(0) += 1;
+                    }
+                    true
+                });
+                OpResult::Groups(g)
+            }
+        }
+    }
+}
+
+/// The in-memory window store of the embedded pipeline and of unit tests.
+#[derive(Debug)]
+pub struct MemoryStore {
+    prefix: String,
+    inner: Mutex<Inner>,
+}
+
+impl Default for MemoryStore {
+    fn default() -> Self {
+        Self::new("tg:")
+    }
+}
+
+impl MemoryStore {
+    /// A store whose keys start with `prefix` (e.g. `tg:`).
+    pub fn new(prefix: &str) -> Self {
+        Self {
+            prefix: prefix.to_string(),
+            inner: Mutex::new(Inner::default()),
+        }
+    }
+
+    /// Number of live keys (for tests of TTL/pruning).
+    pub fn key_count(&self) -> usize {
+        let mut g = self.inner.lock().expect("store lock");
+        let keys: Vec<String> = g.data.keys().cloned().collect();
+        keys.iter().filter(|k| g.alive(k)).count()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        // A poisoned lock means a panic mid-update; the data is still
+        // structurally valid, so keep serving.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+#[async_trait]
+impl WindowStore for MemoryStore {
+    async fn apply(&self, updates: &[Update]) -> Result<Vec<Outcome>, StoreError> {
+        let mut g = self.lock();
+        Ok(updates.iter().map(|u| g.apply(&self.prefix, u)).collect())
+    }
+
+    async fn get_states(&self, keys: &[(Scope, String)]) -> Result<Vec<Option<String>>, StoreError> {
+        let mut g = self.lock();
+        Ok(keys
+            .iter()
+            .map(|(s, n)| {
+                let k = s.key(&self.prefix, &format!("st:{n}"));
+                if !g.alive(&k) {
+                    return None;
+                }
+                match g.data.get(&k) {
+                    Some(Value::Str(v)) => Some(v.clone()),
+                    _ => None,
+                }
+            })
+            .collect())
+    }
+
+    async fn cas_state(&self, w: &StateWrite) -> Result<bool, StoreError> {
+        let mut g = self.lock();
+        let k = w.scope.key(&self.prefix, &format!("st:{}", w.name));
+        let cur = if g.alive(&k) {
+            match g.data.get(&k) {
+                Some(Value::Str(v)) => Some(v.clone()),
+                _ => None,
+            }
+        } else {
+            None
+        };
+        if cur != w.expect {
+            return Ok(false);
+        }
+        g.data.insert(k.clone(), Value::Str(w.value.clone()));
+        g.touch(&k, w.ttl_ms);
+        Ok(true)
+    }
+
+    async fn set_members(&self, name: &str) -> Result<Vec<String>, StoreError> {
+        let g = self.lock();
+        let k = Scope::Global.key(&self.prefix, name);
+        let mut v: Vec<String> = match g.data.get(&k) {
+            Some(Value::Set(s)) => s.iter().cloned().collect(),
+            _ => Vec::new(),
+        };
+        v.sort();
+        Ok(v)
+    }
+
+    async fn set_add(&self, name: &str, member: &str) -> Result<bool, StoreError> {
+        let mut g = self.lock();
+        let k = Scope::Global.key(&self.prefix, name);
+        let e = g
+            .data
+            .entry(k)
+            .or_insert_with(|| Value::Set(HashSet::new()));
+        if let Value::Set(s) = e {
+            Ok(s.insert(member.to_string()))
+        } else {
+            *e = Value::Set(HashSet::from([member.to_string()]));
+            Ok(true)
+        }
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+}
