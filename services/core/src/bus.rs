@@ -97,8 +97,21 @@ pub trait Subscription: Send + fmt::Debug {
 }
 
 #[derive(Debug, Default)]
+struct TopicLog {
+    /// Offset of `recs[0]`.
+    base: i64,
+    recs: std::collections::VecDeque<Arc<OutRecord>>,
+}
+
+impl TopicLog {
+    fn end(&self) -> i64 {
+        self.base + self.recs.len() as i64
+    }
+}
+
+#[derive(Debug, Default)]
 struct Log {
-    topics: HashMap<String, Vec<Arc<OutRecord>>>,
+    topics: HashMap<String, TopicLog>,
     committed: HashMap<(String, String), i64>,
 }
 
@@ -115,18 +128,29 @@ impl MemoryBus {
         Self::default()
     }
 
-    /// Number of records in a topic.
-    pub fn len(&self, topic: &str) -> usize {
-        self.lock().topics.get(topic).map_or(0, Vec::len)
+    /// End offset of a topic (records ever published).
+    pub fn end_offset(&self, topic: &str) -> i64 {
+        self.lock().topics.get(topic).map_or(0, TopicLog::end)
     }
 
-    /// Records of a topic (for tests and the demo's summary).
+    /// Retained records of a topic (for tests and summaries).
     pub fn records(&self, topic: &str) -> Vec<OutRecord> {
         self.lock()
             .topics
             .get(topic)
-            .map(|v| v.iter().map(|r| (**r).clone()).collect())
+            .map(|v| v.recs.iter().map(|r| (**r).clone()).collect())
             .unwrap_or_default()
+    }
+
+    /// Drops records below offset `upto` (retention), keeping offsets stable.
+    pub fn trim(&self, topic: &str, upto: i64) {
+        let mut log = self.lock();
+        if let Some(t) = log.topics.get_mut(topic) {
+            while t.base < upto && !t.recs.is_empty() {
+                t.recs.pop_front();
+                t.base += 1;
+            }
+        }
     }
 
     /// The committed position of a group on a topic.
@@ -149,7 +173,11 @@ impl EventBus for MemoryBus {
         {
             let mut log = self.lock();
             for r in records {
-                log.topics.entry(r.topic.clone()).or_default().push(Arc::new(r));
+                log.topics
+                    .entry(r.topic.clone())
+                    .or_default()
+                    .recs
+                    .push_back(Arc::new(r));
             }
         }
         self.notify.notify_waiters();
@@ -194,11 +222,12 @@ impl MemorySubscription {
         let log = self.bus.lock();
         let mut out = Vec::new();
         for (topic, pos) in self.positions.iter_mut() {
-            let Some(recs) = log.topics.get(topic.as_str()) else {
+            let Some(t) = log.topics.get(topic.as_str()) else {
                 continue;
             };
-            while (*pos as usize) < recs.len() && out.len() < max {
-                let r = &recs[*pos as usize];
+            *pos = (*pos).max(t.base);
+            while *pos < t.end() && out.len() < max {
+                let r = &t.recs[(*pos - t.base) as usize];
                 out.push(InRecord {
                     topic: topic.clone(),
                     partition: 0,

@@ -239,7 +239,7 @@ impl Normalizer {
             ));
         };
         let national_len = international.len() - cc.to_string().len();
-        if national_len < 2 {
+        if national_len < 4 {
             return Err(FieldError::invalid(
                 field,
                 "is too short to be a telephone number",
@@ -252,6 +252,9 @@ impl Normalizer {
 /// The ITU country calling code that `digits` (without `+`) starts with, if
 /// any is known to the numbering metadata.
 pub fn country_code_of(digits: &str) -> Option<u16> {
+    if digits.starts_with('0') {
+        return None;
+    }
     (1..=3).find_map(|n| {
         let cc: u16 = digits.get(..n)?.parse().ok()?;
         DATABASE.by_code(&cc).map(|_| cc)

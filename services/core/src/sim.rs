@@ -493,7 +493,7 @@ fn distributed_irsf(g: &mut Gen, out: &mut SimOutput, ents: &[Enterprise]) {
         let calls = 1 + (k % 2);
         for j in 0..calls {
             let start = t0 + (k as i64) * 4 * 60_000 + j as i64 * 90_000;
-            let callee = g.number(&[("+67571", 5)]);
+            let callee = g.number(&[("+67571", 6)]);
             let line = format!("{}-pbx-0", id.replace(':', ""));
             let dur = g.rng.random_range(600.0..2400.0f64).round();
             g.call(&mut out.records, *ci, Some(id), &line, "+31301112233", &callee, start, dur, true);

@@ -1,1 +1,138 @@
+//! The per-carrier ingester: the `tollguard.v1.Ingest` gRPC service.
+//!
+//! Architecture invariant: a batch is acknowledged only after the bus has
+//! confirmed that every accepted record is stored; refused records come back
+//! in the ack and are never published; a full producer queue is answered with
+//! `RESOURCE_EXHAUSTED` and retry advice, never buffered without bound.
+//! Raw subscriber numbers never leave this crate: everything published is a
+//! pseudonymised [`tollguard_core::CallEvent`].
 
+pub mod config;
+pub mod metrics;
+pub mod service;
+
+use std::sync::Arc;
+
+use tollguard_core::bus::{EventBus, HEADER_SCHEMA, HEADER_TRACEPARENT, OutRecord};
+use tollguard_core::codec::encode_event;
+use tollguard_core::error::{BusError, FieldError, FieldErrorKind};
+use tollguard_core::ingest::Ingestor;
+use tollguard_core::record::RawRecord;
+
+/// One refused record of a batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejected {
+    /// Index in the batch.
+    pub index: u32,
+    /// Its event id, if any.
+    pub event_id: String,
+    /// Why.
+    pub error: FieldError,
+}
+
+/// Outcome of a batch.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BatchOutcome {
+    /// Records stored on the bus.
+    pub accepted: u32,
+    /// Records refused.
+    pub rejected: Vec<Rejected>,
+}
+
+/// The ingest logic, independent of gRPC: validate, normalise,
+/// pseudonymise, publish, await.
+#[derive(Debug, Clone)]
+pub struct IngestCore {
+    ingestor: Arc<Ingestor>,
+    bus: Arc<dyn EventBus>,
+    topic: String,
+}
+
+/// A W3C traceparent for a new trace (random ids).
+pub fn new_traceparent() -> String {
+    let trace: u128 = rand::random();
+    let span: u64 = rand::random();
+    format!("00-{:032x}-{:016x}-01", trace.max(1), span.max(1))
+}
+
+impl IngestCore {
+    /// Builds the core over a bus.
+    pub fn new(ingestor: Ingestor, bus: Arc<dyn EventBus>, topic: &str) -> Self {
+        Self {
+            ingestor: Arc::new(ingestor),
+            bus,
+            topic: topic.to_string(),
+        }
+    }
+
+    /// The carrier served.
+    pub fn provider_id(&self) -> &str {
+        self.ingestor.provider_id()
+    }
+
+    /// Validates every record first; if any names another carrier the whole
+    /// batch is refused (`Err(Rejected)` with `PermissionDenied`) and nothing
+    /// is published. Otherwise publishes the valid ones and waits for the
+    /// bus to confirm them.
+    pub async fn publish(
+        &self,
+        records: &[RawRecord],
+        now: i64,
+        traceparent: Option<&str>,
+    ) -> Result<BatchOutcome, PublishError> {
+        let mut out = BatchOutcome::default();
+        let mut batch = Vec::with_capacity(records.len());
+        for (i, r) in records.iter().enumerate() {
+            match self.ingestor.ingest(r, now) {
+                Ok(ev) => {
+                    let key = ev.subject().compact().into_bytes();
+                    let tp = traceparent
+                        .map(str::to_string)
+                        .unwrap_or_else(new_traceparent);
+                    batch.push(OutRecord {
+                        topic: self.topic.clone(),
+                        key,
+                        payload: encode_event(&ev),
+                        headers: vec![
+                            (
+                                HEADER_SCHEMA.to_string(),
+                                tollguard_proto::CALL_EVENT_SCHEMA_VERSION
+                                    .to_string()
+                                    .into_bytes(),
+                            ),
+                            (HEADER_TRACEPARENT.to_string(), tp.into_bytes()),
+                        ],
+                    });
+                }
+                Err(error) => {
+                    let rej = Rejected {
+                        index: i as u32,
+                        event_id: r.event_id.clone().unwrap_or_default(),
+                        error,
+                    };
+                    if rej.error.kind == FieldErrorKind::PermissionDenied {
+                        return Err(PublishError::Denied(rej));
+                    }
+                    out.rejected.push(rej);
+                }
+            }
+        }
+        let n = batch.len() as u32;
+        if n > 0 {
+            self.bus.publish(batch).await.map_err(PublishError::Bus)?;
+        }
+        out.accepted = n;
+        Ok(out)
+    }
+}
+
+/// Why a batch was not published.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    /// A record names another carrier: nothing was published.
+    #[error("record {}: {}", .0.index, .0.error)]
+    Denied(Rejected),
+    /// The bus refused or failed (backpressure included).
+    #[error(transparent)]
+    Bus(BusError),
+}

@@ -1,0 +1,77 @@
+//! Correlator metrics (`tollguard_correlator_*`).
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use tollguard_proto::v1 as pb;
+
+/// Alert labels.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AlertLabels {
+    /// Rule.
+    pub rule: String,
+    /// Severity.
+    pub severity: String,
+}
+
+/// The correlator's metrics.
+#[derive(Debug, Clone)]
+pub struct Metrics {
+    /// Events processed.
+    pub events: Counter,
+    /// Records sent to the DLQ.
+    pub dead_letters: Counter,
+    /// Re-delivered events.
+    pub duplicates: Counter,
+    /// Alerts by rule and severity.
+    pub alerts: Family<AlertLabels, Counter>,
+    /// Engine time per batch (window store round trips and rules).
+    pub store_seconds: Histogram,
+}
+
+impl Metrics {
+    /// Registers the metrics.
+    pub fn register(reg: &mut Registry) -> Self {
+        let m = Self {
+            events: Counter::default(),
+            dead_letters: Counter::default(),
+            duplicates: Counter::default(),
+            alerts: Family::default(),
+            store_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
+        };
+        reg.register("correlator_events", "Call events processed", m.events.clone());
+        reg.register(
+            "correlator_dead_letters",
+            "Records sent to the DLQ",
+            m.dead_letters.clone(),
+        );
+        reg.register(
+            "correlator_duplicate_events",
+            "Re-delivered events that changed nothing",
+            m.duplicates.clone(),
+        );
+        reg.register(
+            "correlator_alerts",
+            "Alerts published, by rule and severity",
+            m.alerts.clone(),
+        );
+        reg.register(
+            "correlator_window_store_seconds",
+            "Window store and rule evaluation time per batch",
+            m.store_seconds.clone(),
+        );
+        m
+    }
+
+    /// Counts an alert.
+    pub fn alert(&self, a: &pb::Alert) {
+        self.alerts
+            .get_or_create(&AlertLabels {
+                rule: tollguard_core::render::rule_name(a),
+                severity: tollguard_core::render::severity_name(a),
+            })
+            .inc();
+    }
+}

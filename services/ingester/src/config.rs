@@ -1,0 +1,184 @@
+//! Ingester configuration (`ingester.toml` + `TOLLGUARD__…` overrides).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use serde::Deserialize;
+use tollguard_core::ConfigError;
+use tollguard_core::ingest::validate_provider_id;
+use tollguard_core::number::DialPlan;
+use tollguard_core::record::CsvMapping;
+use tollguard_runtime::kafka::KafkaSettings;
+
+/// Listen addresses.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Listen {
+    /// gRPC address.
+    #[serde(default = "default_grpc")]
+    pub grpc: SocketAddr,
+    /// HTTP address of /livez, /readyz, /metrics.
+    #[serde(default = "default_http")]
+    pub http: SocketAddr,
+}
+
+fn default_grpc() -> SocketAddr {
+    "127.0.0.1:50051".parse().expect("static")
+}
+fn default_http() -> SocketAddr {
+    "127.0.0.1:9101".parse().expect("static")
+}
+
+impl Default for Listen {
+    fn default() -> Self {
+        Self {
+            grpc: default_grpc(),
+            http: default_http(),
+        }
+    }
+}
+
+/// The consortium pseudonymisation key.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct PseudonymizationConfig {
+    /// Key id carried in every token.
+    #[serde(default)]
+    pub key_id: String,
+    /// File holding the key (hex or text, ≥ 32 bytes). Preferred.
+    #[serde(default)]
+    pub key_file: Option<PathBuf>,
+    /// The key itself (e.g. from `TOLLGUARD__PSEUDONYMIZATION__KEY`); never
+    /// logged.
+    #[serde(default)]
+    pub key: Option<String>,
+    /// National digits kept in the clear range prefix.
+    #[serde(default = "default_range_digits")]
+    pub range_digits: usize,
+}
+
+fn default_range_digits() -> usize {
+    2
+}
+
+/// Limits of the API.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Records per batch.
+    pub max_batch_records: usize,
+    /// Bytes per gRPC message.
+    pub max_message_bytes: usize,
+    /// Concurrent streams per connection.
+    pub max_concurrent_streams: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_batch_records: 5000,
+            max_message_bytes: 4 * 1024 * 1024,
+            max_concurrent_streams: 64,
+        }
+    }
+}
+
+/// Reference data overrides.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Reference {
+    /// Range-risk CSV replacing the shipped table.
+    pub risk_table: Option<PathBuf>,
+    /// Rate deck CSV replacing the shipped deck.
+    pub rate_deck: Option<PathBuf>,
+}
+
+/// The whole ingester config.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IngesterConfig {
+    /// The carrier this ingester serves.
+    pub provider_id: String,
+    /// Listen addresses.
+    #[serde(default)]
+    pub listen: Listen,
+    /// Numbering plan of the carrier.
+    pub dial_plan: DialPlan,
+    /// CSV mapping of the carrier's exports (used by `tollguard send`).
+    #[serde(default)]
+    pub csv: Option<CsvMapping>,
+    /// Pseudonymisation.
+    #[serde(default)]
+    pub pseudonymization: PseudonymizationConfig,
+    /// Kafka.
+    #[serde(default)]
+    pub kafka: KafkaSettings,
+    /// Topic to publish to.
+    #[serde(default = "default_topic")]
+    pub topic: String,
+    /// Limits.
+    #[serde(default)]
+    pub limits: Limits,
+    /// Reference data.
+    #[serde(default)]
+    pub reference: Reference,
+}
+
+fn default_topic() -> String {
+    tollguard_core::bus::topics::CALLS.to_string()
+}
+
+impl IngesterConfig {
+    /// Validates everything that can be checked without I/O.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        validate_provider_id("provider_id", &self.provider_id)?;
+        self.dial_plan.validate("dial_plan")?;
+        if let Some(c) = &self.csv {
+            c.validate("csv")?;
+        }
+        if self.pseudonymization.key_id.is_empty() {
+            return Err(ConfigError::new(
+                "pseudonymization.key_id",
+                "is required (the consortium key id, e.g. \"k2026a\")",
+            ));
+        }
+        match (&self.pseudonymization.key_file, &self.pseudonymization.key) {
+            (None, None) => {
+                return Err(ConfigError::new(
+                    "pseudonymization.key_file",
+                    "is required (or pseudonymization.key via TOLLGUARD__PSEUDONYMIZATION__KEY)",
+                ));
+            }
+            (Some(_), Some(_)) => {
+                return Err(ConfigError::new(
+                    "pseudonymization.key",
+                    "give either key_file or key, not both",
+                ));
+            }
+            _ => {}
+        }
+        if !(1..=6).contains(&self.pseudonymization.range_digits) {
+            return Err(ConfigError::new(
+                "pseudonymization.range_digits",
+                "must be between 1 and 6",
+            ));
+        }
+        if self.limits.max_batch_records == 0 || self.limits.max_batch_records > 100_000 {
+            return Err(ConfigError::new(
+                "limits.max_batch_records",
+                "must be between 1 and 100000",
+            ));
+        }
+        if self.limits.max_message_bytes < 1024 {
+            return Err(ConfigError::new(
+                "limits.max_message_bytes",
+                "must be at least 1024",
+            ));
+        }
+        if self.topic.is_empty() {
+            return Err(ConfigError::new("topic", "must not be empty"));
+        }
+        self.kafka.validate()?;
+        Ok(())
+    }
+}

@@ -1,0 +1,211 @@
+//! The gRPC `Ingest` service over [`IngestCore`].
+
+use std::pin::Pin;
+use std::time::Instant;
+
+use futures::Stream;
+use tokio_stream::StreamExt;
+use tonic::{Request, Response, Status, Streaming};
+use tollguard_core::error::BusError;
+use tollguard_core::record::RawRecord;
+use tollguard_proto::v1 as pb;
+
+use crate::metrics::Metrics;
+use crate::{IngestCore, PublishError};
+
+/// The tonic service.
+#[derive(Debug, Clone)]
+pub struct IngestService {
+    core: IngestCore,
+    max_batch: usize,
+    metrics: Metrics,
+}
+
+fn opt(s: &str) -> Option<String> {
+    if s.is_empty() { None } else { Some(s.to_string()) }
+}
+
+/// Converts a gRPC record to the raw record (empty string = absent).
+pub fn raw_from_proto(r: &pb::CallRecord) -> RawRecord {
+    RawRecord {
+        provider_id: opt(&r.provider_id),
+        event_id: opt(&r.event_id),
+        call_id: opt(&r.call_id),
+        phase: opt(&r.phase),
+        customer_id: opt(&r.customer_id),
+        line_id: opt(&r.line_id),
+        caller: opt(&r.caller),
+        callee: opt(&r.callee),
+        direction: opt(&r.direction),
+        start_time: opt(&r.start_time),
+        answer_time: opt(&r.answer_time),
+        duration_s: Some(r.duration_s),
+        disposition: opt(&r.disposition),
+        source_ip: opt(&r.source_ip),
+        charge_amount: opt(&r.charge_amount),
+        charge_currency: opt(&r.charge_currency),
+    }
+}
+
+/// Converts a raw record to its gRPC form.
+pub fn raw_to_proto(r: &RawRecord) -> pb::CallRecord {
+    let s = |v: &Option<String>| v.clone().unwrap_or_default();
+    pb::CallRecord {
+        provider_id: s(&r.provider_id),
+        event_id: s(&r.event_id),
+        call_id: s(&r.call_id),
+        phase: s(&r.phase),
+        customer_id: s(&r.customer_id),
+        line_id: s(&r.line_id),
+        caller: s(&r.caller),
+        callee: s(&r.callee),
+        direction: s(&r.direction),
+        start_time: s(&r.start_time),
+        answer_time: s(&r.answer_time),
+        duration_s: r.duration_s.unwrap_or(0.0),
+        disposition: s(&r.disposition),
+        source_ip: s(&r.source_ip),
+        charge_amount: s(&r.charge_amount),
+        charge_currency: s(&r.charge_currency),
+    }
+}
+
+fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+impl IngestService {
+    /// Builds the service.
+    pub fn new(core: IngestCore, max_batch: usize, metrics: Metrics) -> Self {
+        Self {
+            core,
+            max_batch,
+            metrics,
+        }
+    }
+
+    async fn handle(&self, req: pb::PublishRequest, traceparent: Option<&str>) -> Result<pb::PublishAck, Status> {
+        let started = Instant::now();
+        let provider = self.core.provider_id().to_string();
+        if req.records.len() > self.max_batch {
+            self.metrics.count(&provider, "rejected", req.records.len() as u64);
+            return Err(Status::invalid_argument(format!(
+                "records: batch {} has {} records; at most {} are allowed per batch",
+                req.batch_id,
+                req.records.len(),
+                self.max_batch
+            )));
+        }
+        let raws: Vec<RawRecord> = req.records.iter().map(raw_from_proto).collect();
+        match self.core.publish(&raws, now_ms(), traceparent).await {
+            Ok(out) => {
+                self.metrics.count(&provider, "accepted", out.accepted as u64);
+                self.metrics.count(&provider, "rejected", out.rejected.len() as u64);
+                self.metrics
+                    .batch_seconds
+                    .observe(started.elapsed().as_secs_f64());
+                Ok(pb::PublishAck {
+                    batch_id: req.batch_id,
+                    accepted: out.accepted,
+                    rejected: out.rejected.len() as u32,
+                    errors: out
+                        .rejected
+                        .into_iter()
+                        .map(|r| pb::RecordError {
+                            index: r.index,
+                            event_id: r.event_id,
+                            field: r.error.field,
+                            reason: r.error.reason,
+                            code: r.error.kind.code().to_string(),
+                        })
+                        .collect(),
+                })
+            }
+            Err(PublishError::Denied(r)) => {
+                self.metrics.count(&provider, "denied", raws.len() as u64);
+                tracing::warn!(provider = %provider, batch = req.batch_id, index = r.index, "batch refused: record names another provider");
+                Err(Status::permission_denied(format!(
+                    "records[{}].{}: {}; nothing of batch {} was published",
+                    r.index, r.error.field, r.error.reason, req.batch_id
+                )))
+            }
+            Err(PublishError::Bus(BusError::Backpressure { retry_after_ms })) => {
+                self.metrics.count(&provider, "backpressure", raws.len() as u64);
+                let mut st = Status::resource_exhausted(format!(
+                    "ingest queue full; batch {} was not acknowledged, resend it after {retry_after_ms} ms (resending is safe)",
+                    req.batch_id
+                ));
+                if let Ok(v) = retry_after_ms.to_string().parse() {
+                    st.metadata_mut().insert("retry-after-ms", v);
+                }
+                Err(st)
+            }
+            Err(PublishError::Bus(e)) => {
+                tracing::error!(provider = %provider, error = %e, "publish failed");
+                Err(Status::unavailable(format!(
+                    "event bus unavailable; batch {} was not acknowledged, resend it: {e}",
+                    req.batch_id
+                )))
+            }
+        }
+    }
+}
+
+fn traceparent<T>(req: &Request<T>) -> Option<String> {
+    req.metadata()
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+}
+
+type AckStream = Pin<Box<dyn Stream<Item = Result<pb::PublishAck, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::ingest_server::Ingest for IngestService {
+    type PublishStream = AckStream;
+
+    async fn publish(
+        &self,
+        request: Request<Streaming<pb::PublishRequest>>,
+    ) -> Result<Response<Self::PublishStream>, Status> {
+        let tp = traceparent(&request);
+        let mut inbound = request.into_inner();
+        let this = self.clone();
+        let out = async_stream_acks(move |tx| async move {
+            while let Some(next) = inbound.next().await {
+                let res = match next {
+                    Ok(req) => this.handle(req, tp.as_deref()).await,
+                    Err(s) => Err(s),
+                };
+                let stop = res.is_err();
+                if tx.send(res).await.is_err() || stop {
+                    break;
+                }
+            }
+        });
+        Ok(Response::new(out))
+    }
+
+    async fn publish_batch(
+        &self,
+        request: Request<pb::PublishRequest>,
+    ) -> Result<Response<pb::PublishAck>, Status> {
+        let tp = traceparent(&request);
+        self.handle(request.into_inner(), tp.as_deref())
+            .await
+            .map(Response::new)
+    }
+}
+
+/// Runs `f` with a bounded channel and returns its receiving end as a stream
+/// (one ack in flight per stream: acks go out in order, backpressure flows to
+/// the client).
+fn async_stream_acks<F, Fut>(f: F) -> AckStream
+where
+    F: FnOnce(tokio::sync::mpsc::Sender<Result<pb::PublishAck, Status>>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tokio::spawn(f(tx));
+    Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
+}
