@@ -94,6 +94,10 @@ pub trait Subscription: Send + fmt::Debug {
     /// Marks `records` (and everything before them in their partitions) as
     /// processed; only then can the group's position move past them.
     async fn commit(&mut self, records: &[InRecord]) -> Result<(), BusError>;
+    /// Flushes committed positions and leaves the group (graceful shutdown).
+    async fn close(&mut self) -> Result<(), BusError> {
+        Ok(())
+    }
 }
 
 #[derive(Debug, Default)]

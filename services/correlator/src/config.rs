@@ -1,1 +1,191 @@
-//! Correlator configuration.
+//! Correlator configuration (`correlator.toml` + `TOLLGUARD__…` overrides).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use serde::Deserialize;
+use tollguard_core::ConfigError;
+use tollguard_runtime::kafka::KafkaSettings;
+
+/// Listen addresses.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Listen {
+    /// HTTP address of /livez, /readyz, /metrics.
+    #[serde(default = "default_http")]
+    pub http: SocketAddr,
+}
+
+fn default_http() -> SocketAddr {
+    "127.0.0.1:9102".parse().expect("static")
+}
+
+impl Default for Listen {
+    fn default() -> Self {
+        Self {
+            http: default_http(),
+        }
+    }
+}
+
+/// Redis window store.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisConfig {
+    /// `redis://[user:password@]host:port/` (or `rediss://` for TLS).
+    #[serde(default = "default_redis")]
+    pub url: String,
+    /// Prefix of every key.
+    #[serde(default = "default_prefix")]
+    pub key_prefix: String,
+}
+
+fn default_redis() -> String {
+    "redis://127.0.0.1:6379/".into()
+}
+fn default_prefix() -> String {
+    "tg:".into()
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        Self {
+            url: default_redis(),
+            key_prefix: default_prefix(),
+        }
+    }
+}
+
+/// Topic names.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TopicNames {
+    /// Input.
+    pub calls: String,
+    /// Output.
+    pub alerts: String,
+    /// Dead letters.
+    pub dlq: String,
+}
+
+impl Default for TopicNames {
+    fn default() -> Self {
+        let t = crate::Topics::default();
+        Self {
+            calls: t.calls,
+            alerts: t.alerts,
+            dlq: t.dlq,
+        }
+    }
+}
+
+/// Optional key, to resolve policies written with customer ids.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct KeyConfig {
+    /// Key id.
+    #[serde(default)]
+    pub key_id: String,
+    /// Key file.
+    #[serde(default)]
+    pub key_file: Option<PathBuf>,
+    /// Key (e.g. from the environment); never logged.
+    #[serde(default)]
+    pub key: Option<String>,
+}
+
+/// The whole correlator config.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CorrelatorConfig {
+    /// Listen addresses.
+    #[serde(default)]
+    pub listen: Listen,
+    /// Kafka.
+    #[serde(default)]
+    pub kafka: KafkaSettings,
+    /// Redis.
+    #[serde(default)]
+    pub redis: RedisConfig,
+    /// Topics.
+    #[serde(default)]
+    pub topics: TopicNames,
+    /// Consumer group.
+    #[serde(default = "default_group")]
+    pub group: String,
+    /// Rules file; shipped defaults when absent.
+    #[serde(default)]
+    pub rules_file: Option<PathBuf>,
+    /// Policies file.
+    #[serde(default)]
+    pub policies_file: Option<PathBuf>,
+    /// Pseudonymisation key (only to resolve policies by customer id).
+    #[serde(default)]
+    pub pseudonymization: KeyConfig,
+    /// Records per batch.
+    #[serde(default = "default_batch")]
+    pub batch_max: usize,
+    /// Poll timeout, milliseconds.
+    #[serde(default = "default_poll")]
+    pub poll_timeout_ms: u64,
+    /// How often the hot list is re-read from the store, seconds.
+    #[serde(default = "default_hot")]
+    pub hot_list_refresh_s: u64,
+}
+
+fn default_group() -> String {
+    "tollguard-correlator".into()
+}
+fn default_batch() -> usize {
+    2000
+}
+fn default_poll() -> u64 {
+    100
+}
+fn default_hot() -> u64 {
+    10
+}
+
+impl CorrelatorConfig {
+    /// Validates what can be checked without I/O.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.kafka.validate()?;
+        if !(self.redis.url.starts_with("redis://")
+            || self.redis.url.starts_with("rediss://")
+            || self.redis.url.starts_with("redis+unix://"))
+        {
+            return Err(ConfigError::new(
+                "redis.url",
+                "must start with redis://, rediss:// or redis+unix://",
+            ));
+        }
+        if self.redis.key_prefix.is_empty() || self.redis.key_prefix.contains(['{', '}']) {
+            return Err(ConfigError::new(
+                "redis.key_prefix",
+                "must be non-empty and contain no braces",
+            ));
+        }
+        if self.group.is_empty() {
+            return Err(ConfigError::new("group", "must not be empty"));
+        }
+        if !(1..=100_000).contains(&self.batch_max) {
+            return Err(ConfigError::new("batch_max", "must be between 1 and 100000"));
+        }
+        if self.poll_timeout_ms == 0 || self.poll_timeout_ms > 10_000 {
+            return Err(ConfigError::new("poll_timeout_ms", "must be between 1 and 10000"));
+        }
+        if self.hot_list_refresh_s == 0 {
+            return Err(ConfigError::new("hot_list_refresh_s", "must be greater than 0"));
+        }
+        for (k, v) in [
+            ("topics.calls", &self.topics.calls),
+            ("topics.alerts", &self.topics.alerts),
+            ("topics.dlq", &self.topics.dlq),
+        ] {
+            if v.is_empty() {
+                return Err(ConfigError::new(k, "must not be empty"));
+            }
+        }
+        Ok(())
+    }
+}

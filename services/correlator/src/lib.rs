@@ -223,6 +223,12 @@ impl Worker {
         Ok(report)
     }
 
+    /// Commits what was processed and leaves the group. A batch still
+    /// pending (failed) is not committed and will be redelivered.
+    pub async fn close(&mut self) -> Result<(), BusError> {
+        self.sub.close().await
+    }
+
     /// Decodes alerts (helper for consumers of the alerts topic).
     pub fn decode_alert(r: &InRecord) -> Option<pb::Alert> {
         pb::Alert::decode(r.payload.as_slice()).ok()

@@ -1,1 +1,168 @@
-fn main() {}
+//! `tollguard-correlator`: joins all carriers' events in Redis windows and
+//! publishes alerts.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use tollguard_core::ConfigError;
+use tollguard_core::pseudo::Key;
+use tollguard_core::rules::{Detector, Engine, HotList, Policies, Policy, RulesConfig};
+use tollguard_core::store::WindowStore;
+use tollguard_correlator::config::CorrelatorConfig;
+use tollguard_correlator::metrics::Metrics;
+use tollguard_correlator::{Topics, Worker, WorkerError};
+use tollguard_runtime::config::{exit_config, load, read_secret};
+use tollguard_runtime::health::{self, Health};
+use tollguard_runtime::kafka::KafkaBus;
+use tollguard_runtime::redis_store::RedisStore;
+use tollguard_runtime::{shutdown, telemetry};
+
+/// The correlator: consumes call events, evaluates the rules over shared
+/// Redis windows and publishes alerts.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// Configuration file (TOML); `TOLLGUARD__SECTION__KEY` variables override it.
+    #[arg(long, short, env = "TOLLGUARD_CONFIG")]
+    config: Option<PathBuf>,
+    /// Validate the configuration and exit (0 if valid, 64 if not).
+    #[arg(long)]
+    check_config: bool,
+}
+
+fn read(key: &str, p: &PathBuf) -> Result<String, ConfigError> {
+    std::fs::read_to_string(p).map_err(|e| ConfigError::new(key, format!("cannot read {}: {e}", p.display())))
+}
+
+/// Loads rules and policies into a detector.
+fn detector(cfg: &CorrelatorConfig) -> Result<Detector, ConfigError> {
+    cfg.validate()?;
+    let rules = match &cfg.rules_file {
+        Some(p) => RulesConfig::parse(&p.display().to_string(), &read("rules_file", p)?)?,
+        None => RulesConfig::default(),
+    };
+    let th = rules.validate()?;
+    let key = match (&cfg.pseudonymization.key_file, &cfg.pseudonymization.key) {
+        (Some(f), _) => Some(Key::from_text(
+            &cfg.pseudonymization.key_id,
+            &read_secret("pseudonymization.key_file", f)?,
+        )?),
+        (None, Some(k)) => Some(Key::from_text(&cfg.pseudonymization.key_id, k)?),
+        (None, None) => None,
+    };
+    let defaults = Policy {
+        daily_cap: th.daily_cap,
+        hourly_cap: th.hourly_cap,
+        channels: rules.concurrency.default_channels,
+    };
+    let policies = match &cfg.policies_file {
+        Some(p) => Policies::parse(
+            &p.display().to_string(),
+            &read("policies_file", p)?,
+            key.as_ref(),
+            &defaults,
+        )?,
+        None => Policies::default(),
+    };
+    Detector::new(rules, policies, HotList::default())
+}
+
+fn main() {
+    let args = Args::parse();
+    telemetry::init("correlator");
+    let cfg: CorrelatorConfig = load(args.config.as_deref()).unwrap_or_else(|e| exit_config(&e));
+    let det = detector(&cfg).unwrap_or_else(|e| exit_config(&e));
+    if args.check_config {
+        println!("configuration ok: correlator in group {}", cfg.group);
+        return;
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    if let Err(e) = rt.block_on(run(cfg, det)) {
+        tracing::error!(error = %e, "correlator failed");
+        std::process::exit(1);
+    }
+}
+
+async fn run(cfg: CorrelatorConfig, det: Detector) -> anyhow::Result<()> {
+    let stop = shutdown::on_signal();
+    let health = Health::new("tollguard");
+    let metrics = health.with_registry(Metrics::register);
+    let http = health::serve(cfg.listen.http, health.clone(), stop.clone()).await?;
+    tracing::info!(%http, "health and metrics listening");
+    health.set("kafka", Some("connecting".into()));
+    health.set("redis", Some("connecting".into()));
+
+    let bus = Arc::new(
+        KafkaBus::new(cfg.kafka.clone()).unwrap_or_else(|e| exit_config(&ConfigError::new("kafka", e))),
+    );
+    // Connect to Redis, retrying until it answers or we are told to stop.
+    let store: Arc<dyn WindowStore> = loop {
+        match RedisStore::connect(&cfg.redis.url, &cfg.redis.key_prefix).await {
+            Ok(s) => break Arc::new(s),
+            Err(e) => {
+                health.set("redis", Some(e.to_string()));
+                tokio::select! {
+                    _ = stop.cancelled() => return Ok(()),
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+            }
+        }
+    };
+    health.set("redis", None);
+    let topics = Topics {
+        calls: cfg.topics.calls.clone(),
+        alerts: cfg.topics.alerts.clone(),
+        dlq: cfg.topics.dlq.clone(),
+    };
+    let sub = tollguard_core::bus::EventBus::subscribe(&*bus, &[topics.calls.as_str()], &cfg.group).await?;
+    let engine = Engine::new(store.clone(), det);
+    let mut worker = Worker::new(engine, bus.clone(), sub, topics, Some(metrics));
+    let timeout = Duration::from_millis(cfg.poll_timeout_ms);
+    let mut last_hot = Instant::now() - Duration::from_secs(3600);
+    let mut backoff = Duration::from_millis(100);
+    tracing::info!(group = %cfg.group, "correlator consuming");
+    while !stop.is_cancelled() {
+        if last_hot.elapsed() >= Duration::from_secs(cfg.hot_list_refresh_s) {
+            match store.set_members("hot").await {
+                Ok(m) => worker.engine_mut().detector_mut().set_hot_list(HotList::new(m)),
+                Err(e) => tracing::warn!(error = %e, "hot list refresh failed"),
+            }
+            last_hot = Instant::now();
+        }
+        let step = tokio::select! {
+            _ = stop.cancelled() => break,
+            r = worker.step(cfg.batch_max, timeout) => r,
+        };
+        match step {
+            Ok(_) => {
+                health.set("kafka", None);
+                health.set("redis", None);
+                backoff = Duration::from_millis(100);
+            }
+            Err(e) => {
+                let dep = match e {
+                    WorkerError::Store(_) => "redis",
+                    WorkerError::Bus(_) => "kafka",
+                };
+                health.set(dep, Some(e.to_string()));
+                tracing::warn!(error = %e, dependency = dep, "batch failed; will retry");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+    tracing::info!("intake stopped; committing offsets");
+    if let Err(e) = worker.close().await {
+        tracing::warn!(error = %e, "final commit failed");
+    }
+    if let Err(e) = bus.flush(Duration::from_secs(10)).await {
+        tracing::warn!(error = %e, "producer flush incomplete");
+    }
+    tracing::info!("correlator stopped");
+    Ok(())
+}

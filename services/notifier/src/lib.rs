@@ -63,6 +63,11 @@ impl Notifier {
         }
     }
 
+    /// Commits and leaves the group.
+    pub async fn close(&mut self) -> Result<(), BusError> {
+        self.sub.close().await
+    }
+
     /// Consumes up to `max` alerts, logs new ones, commits, and returns them.
     pub async fn step(&mut self, max: usize, timeout: Duration) -> Result<Vec<pb::Alert>, BusError> {
         let batch = self.sub.poll(max, timeout).await?;

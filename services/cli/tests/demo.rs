@@ -1,0 +1,110 @@
+//! The embedded demo catches the 2011 case; replay and simulate behave.
+
+use tollguard_cli::common::PipelineOpts;
+use tollguard_cli::demo::{DemoArgs, simulate_and_detect};
+use tollguard_cli::input::Format;
+use tollguard_cli::replay::{ReplayArgs, run as replay};
+use tollguard_cli::simulate::{Preset, SimulateArgs, run as simulate};
+use tollguard_core::codec::from_ts;
+use tollguard_core::money::MICROS;
+use tollguard_proto::v1 as pb;
+
+fn pipeline() -> PipelineOpts {
+    PipelineOpts {
+        rules: None,
+        policies: None,
+        key_file: None,
+        key_id: "k1".into(),
+        risk_table: None,
+        rate_deck: None,
+        range_digits: 2,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_detects_the_2011_hack_within_five_minutes_and_no_benign_critical() {
+    let args = DemoArgs {
+        json: false,
+        seed: 2011,
+        enterprises: 300,
+    };
+    let o = simulate_and_detect(&args, &pipeline()).await.unwrap();
+    let first = o.first_critical.as_ref().expect("the hack is detected as critical");
+    let at = from_ts(first.detected_at.as_ref().unwrap());
+    let delay = at - o.first_fraud;
+    assert!(delay >= 0 && delay <= 5 * 60_000, "detected {delay} ms after the first fraudulent call");
+    assert!(o.loss_at_detection < 500 * MICROS, "loss at detection {}", o.loss_at_detection);
+    let mut providers = first.providers.clone();
+    providers.sort();
+    assert_eq!(providers, vec!["bt".to_string(), "kpn".to_string()], "via both carriers");
+    let subject = first.subject.as_ref().unwrap();
+    assert_eq!(subject.range, "+67077");
+    assert_eq!(subject.country, "TL");
+    assert_eq!(first.rule, pb::Rule::MultiCarrierBurst as i32);
+    assert!(o.benign_critical.is_empty(), "benign critical incidents: {:?}", o.benign_critical);
+    // No single carrier alone crossed the burst threshold at detection.
+    for (p, (before, _, _)) in &o.carriers {
+        assert!(*before < 6, "{p} saw {before} calls before detection");
+    }
+    // One incident per rule for the victim: updates and escalations, no duplicates.
+    let mut by_rule = std::collections::BTreeMap::new();
+    for a in o.alerts.iter().filter(|a| {
+        a.subject.as_ref().and_then(|s| s.customer.as_ref()).is_some_and(|c| format!("{}:{}", c.key_id, c.value) == o.victim)
+    }) {
+        by_rule.entry(a.rule).or_insert_with(std::collections::BTreeSet::new).insert(a.incident_id.clone());
+    }
+    assert!(by_rule.values().all(|ids| ids.len() == 1), "{by_rule:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_reports_bad_lines_by_number_and_processes_the_rest() {
+    let dir = tempfile::tempdir().unwrap();
+    let sim = SimulateArgs {
+        out: dir.path().to_path_buf(),
+        preset: Preset::Pbx2011,
+        seed: 7,
+        days: Some(4),
+        enterprises: Some(20),
+    };
+    let mut err = Vec::new();
+    let (n, files) = simulate(&sim, &mut err).unwrap();
+    assert!(n > 1000);
+    // Deterministic: same seed, same bytes.
+    let dir2 = tempfile::tempdir().unwrap();
+    simulate(&SimulateArgs { out: dir2.path().to_path_buf(), ..sim }, &mut Vec::new()).unwrap();
+    for f in &files {
+        let name = f.file_name().unwrap();
+        assert_eq!(std::fs::read(f).unwrap(), std::fs::read(dir2.path().join(name)).unwrap(), "{name:?}");
+    }
+    // Corrupt two lines of the kpn file.
+    let kpn = dir.path().join("kpn.jsonl");
+    let text = std::fs::read_to_string(&kpn).unwrap();
+    let mut lines: Vec<String> = text.lines().map(str::to_string).collect();
+    let total = lines.len() as u64;
+    lines[2] = "{\"provider_id\": \"kpn\", \"event_id\": 5".into();
+    lines[9] = lines[9].replace("\"phase\":\"end\"", "\"phase\":\"later\"").replace("\"phase\":\"start\"", "\"phase\":\"later\"").replace("\"phase\":\"interim\"", "\"phase\":\"later\"");
+    std::fs::write(&kpn, lines.join("\n") + "\n").unwrap();
+    let args = ReplayArgs {
+        files: vec![kpn.clone(), dir.path().join("bt.jsonl")],
+        json: true,
+        format: Format::Auto,
+        csv_mapping: None,
+        home_country: "NL".into(),
+        chunk: 1000,
+        pipeline: pipeline(),
+    };
+    let mut out = Vec::new();
+    let mut err = Vec::new();
+    let s = replay(&args, &mut out, &mut err).await.unwrap();
+    let err = String::from_utf8(err).unwrap();
+    assert!(err.contains("kpn.jsonl:3: record: not valid JSON"), "{err}");
+    assert!(err.contains("kpn.jsonl:10: phase: `later` is not one of start, interim, end"), "{err}");
+    assert_eq!(s.rejected, 2);
+    let bt_lines = std::fs::read_to_string(dir.path().join("bt.jsonl")).unwrap().lines().count() as u64;
+    assert_eq!(s.read, total + bt_lines);
+    assert_eq!(s.accepted, total + bt_lines - 2);
+    // The hack is still found, and the JSON output is one alert per line.
+    let out = String::from_utf8(out).unwrap();
+    let alerts: Vec<serde_json::Value> = out.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert!(alerts.iter().any(|a| a["rule"] == "multi_carrier_burst" && a["severity"] == "critical"));
+}
