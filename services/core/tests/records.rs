@@ -225,3 +225,10 @@ fn csv_mapping_with_columns_values_and_time_zone() {
     let bad: CsvMapping = toml::from_str("[columns]\ncalee = \"b\"\n").unwrap();
     assert_eq!(bad.validate("csv").unwrap_err().key, "csv.columns.calee");
 }
+
+#[test]
+fn shipped_example_rules_are_the_defaults() {
+    let text = include_str!("../../../deploy/examples/rules.toml");
+    let parsed = tollguard_core::rules::RulesConfig::parse("rules.toml", text).unwrap();
+    assert_eq!(parsed, tollguard_core::rules::RulesConfig::default());
+}
