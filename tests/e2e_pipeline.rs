@@ -19,7 +19,12 @@ use tollguard_proto::v1 as pb;
 use tollguard_runtime::kafka::consume_all;
 use tollguard_tests::*;
 
-const CARRIERS: [(&str, &str); 4] = [("kpn", "NL"), ("bt", "GB"), ("vodafone", "NL"), ("odido", "NL")];
+const CARRIERS: [(&str, &str); 4] = [
+    ("kpn", "NL"),
+    ("bt", "GB"),
+    ("vodafone", "NL"),
+    ("odido", "NL"),
+];
 
 struct Stack {
     dir: PathBuf,
@@ -47,16 +52,28 @@ impl Stack {
     fn correlator_env(&self) -> Vec<(String, String)> {
         let mut env = common_env(&self.dir);
         env.extend([
-            ("TOLLGUARD__LISTEN__HTTP".into(), format!("127.0.0.1:{}", self.correlator_http)),
+            (
+                "TOLLGUARD__LISTEN__HTTP".into(),
+                format!("127.0.0.1:{}", self.correlator_http),
+            ),
             ("TOLLGUARD__REDIS__URL".into(), redis()),
             ("TOLLGUARD__REDIS__KEY_PREFIX".into(), self.prefix.clone()),
             ("TOLLGUARD__TOPICS__CALLS".into(), self.calls.clone()),
             ("TOLLGUARD__TOPICS__ALERTS".into(), self.alerts.clone()),
-            ("TOLLGUARD__TOPICS__DLQ".into(), format!("{}.dlq", self.calls)),
+            (
+                "TOLLGUARD__TOPICS__DLQ".into(),
+                format!("{}.dlq", self.calls),
+            ),
             ("TOLLGUARD__GROUP".into(), self.group.clone()),
-            ("TOLLGUARD__POLICIES_FILE".into(), self.policies.display().to_string()),
+            (
+                "TOLLGUARD__POLICIES_FILE".into(),
+                self.policies.display().to_string(),
+            ),
             ("TOLLGUARD__PSEUDONYMIZATION__KEY_ID".into(), "k1".into()),
-            ("TOLLGUARD__PSEUDONYMIZATION__KEY_FILE".into(), self.key.display().to_string()),
+            (
+                "TOLLGUARD__PSEUDONYMIZATION__KEY_FILE".into(),
+                self.key.display().to_string(),
+            ),
         ]);
         env
     }
@@ -97,13 +114,28 @@ impl Stack {
             env.extend([
                 ("TOLLGUARD__PROVIDER_ID".into(), provider.into()),
                 ("TOLLGUARD__DIAL_PLAN__HOME_COUNTRY".into(), country.into()),
-                ("TOLLGUARD__LISTEN__GRPC".into(), format!("127.0.0.1:{grpc}")),
-                ("TOLLGUARD__LISTEN__HTTP".into(), format!("127.0.0.1:{http}")),
+                (
+                    "TOLLGUARD__LISTEN__GRPC".into(),
+                    format!("127.0.0.1:{grpc}"),
+                ),
+                (
+                    "TOLLGUARD__LISTEN__HTTP".into(),
+                    format!("127.0.0.1:{http}"),
+                ),
                 ("TOLLGUARD__PSEUDONYMIZATION__KEY_ID".into(), "k1".into()),
-                ("TOLLGUARD__PSEUDONYMIZATION__KEY_FILE".into(), s.key.display().to_string()),
+                (
+                    "TOLLGUARD__PSEUDONYMIZATION__KEY_FILE".into(),
+                    s.key.display().to_string(),
+                ),
                 ("TOLLGUARD__TOPIC".into(), s.calls.clone()),
             ]);
-            let p = Proc::spawn(dir, &format!("ingester-{provider}"), &bin("tollguard-ingester"), &[], &env);
+            let p = Proc::spawn(
+                dir,
+                &format!("ingester-{provider}"),
+                &bin("tollguard-ingester"),
+                &[],
+                &env,
+            );
             wait_ready(&p, http, Duration::from_secs(60)).await;
             s.ingesters.push((provider.to_string(), grpc, p));
         }
@@ -111,7 +143,10 @@ impl Stack {
         let nhttp = free_port();
         let mut env = common_env(dir);
         env.extend([
-            ("TOLLGUARD__LISTEN__HTTP".into(), format!("127.0.0.1:{nhttp}")),
+            (
+                "TOLLGUARD__LISTEN__HTTP".into(),
+                format!("127.0.0.1:{nhttp}"),
+            ),
             ("TOLLGUARD__ALERTS_TOPIC".into(), s.alerts.clone()),
             ("TOLLGUARD__GROUP".into(), format!("{id}-notifier")),
         ]);
@@ -129,7 +164,12 @@ impl Stack {
                 let file = files.join(format!("{provider}.jsonl"));
                 let out = self.dir.join(format!("send-{provider}.log"));
                 let child = Command::new(bin("tollguard"))
-                    .args(["send", file.to_str().unwrap(), "--ingester", &format!("http://127.0.0.1:{grpc}")])
+                    .args([
+                        "send",
+                        file.to_str().unwrap(),
+                        "--ingester",
+                        &format!("http://127.0.0.1:{grpc}"),
+                    ])
                     .stderr(std::fs::File::create(&out).unwrap())
                     .spawn()
                     .unwrap();
@@ -157,9 +197,13 @@ impl Stack {
     /// re-deliveries).
     async fn wait_processed(&self, n: f64) {
         let port = self.correlator_http;
-        wait_for(&format!("the correlator to process {n} events"), Duration::from_secs(180), || async move {
-            (metric(port, "tollguard_correlator_events_total").await >= n).then_some(())
-        })
+        wait_for(
+            &format!("the correlator to process {n} events"),
+            Duration::from_secs(180),
+            || async move {
+                (metric(port, "tollguard_correlator_events_total").await >= n).then_some(())
+            },
+        )
         .await;
     }
 }
@@ -183,7 +227,10 @@ fn scenario(dir: &Path) -> (PathBuf, usize) {
 /// Incidents the embedded pipeline finds for the same files and key.
 async fn embedded_incidents(files: &Path, key: &Path, policies: &Path) -> Vec<pb::Alert> {
     let args = ReplayArgs {
-        files: CARRIERS.iter().map(|(p, _)| files.join(format!("{p}.jsonl"))).collect(),
+        files: CARRIERS
+            .iter()
+            .map(|(p, _)| files.join(format!("{p}.jsonl")))
+            .collect(),
         json: true,
         format: Format::Auto,
         csv_mapping: None,
@@ -199,14 +246,19 @@ async fn embedded_incidents(files: &Path, key: &Path, policies: &Path) -> Vec<pb
             range_digits: 2,
         },
     };
-    replay(&args, &mut Vec::new(), &mut Vec::new()).await.unwrap().alerts
+    replay(&args, &mut Vec::new(), &mut Vec::new())
+        .await
+        .unwrap()
+        .alerts
 }
 
 /// incident id → (rule, max severity)
 fn incidents(alerts: &[pb::Alert]) -> BTreeMap<String, (i32, i32)> {
     let mut m = BTreeMap::new();
     for a in alerts {
-        let e = m.entry(a.incident_id.clone()).or_insert((a.rule, a.severity));
+        let e = m
+            .entry(a.incident_id.clone())
+            .or_insert((a.rule, a.severity));
         e.1 = e.1.max(a.severity);
     }
     m
@@ -226,7 +278,11 @@ fn assert_no_duplicate_versions(alerts: &[pb::Alert]) {
         norm.published_at = None;
         if let Some(prev) = seen.get(&(a.incident_id.clone(), a.version)) {
             // A re-publication after a crash must be the identical alert.
-            assert_eq!(prev, &norm, "two different alerts share incident {} version {}", a.incident_id, a.version);
+            assert_eq!(
+                prev, &norm,
+                "two different alerts share incident {} version {}",
+                a.incident_id, a.version
+            );
         }
         seen.insert((a.incident_id.clone(), a.version), norm);
     }
@@ -244,29 +300,56 @@ async fn the_2011_case_through_real_kafka_and_redis_matches_the_embedded_pipelin
     let real = incidents(&alerts);
     let burst: Vec<_> = alerts
         .iter()
-        .filter(|a| a.rule == pb::Rule::MultiCarrierBurst as i32 && a.severity == pb::Severity::Critical as i32)
+        .filter(|a| {
+            a.rule == pb::Rule::MultiCarrierBurst as i32
+                && a.severity == pb::Severity::Critical as i32
+        })
         .collect();
-    assert!(!burst.is_empty(), "no critical multi_carrier_burst on the alerts topic: {real:?}");
+    assert!(
+        !burst.is_empty(),
+        "no critical multi_carrier_burst on the alerts topic: {real:?}"
+    );
     let b = burst[0];
     assert_eq!(b.subject.as_ref().unwrap().range, "+67077");
     let mut providers = b.providers.clone();
     providers.sort();
     assert_eq!(providers, ["bt", "kpn"]);
-    assert!(alerts.iter().any(|a| a.rule == pb::Rule::DestinationConvergence as i32), "distributed IRSF not found");
+    assert!(
+        alerts
+            .iter()
+            .any(|a| a.rule == pb::Rule::DestinationConvergence as i32),
+        "distributed IRSF not found"
+    );
     assert_no_duplicate_versions(&alerts);
 
     // Same incidents as the embedded pipeline for the same input and key.
     let embedded = incidents(&embedded_incidents(&files, &stack.key, &stack.policies).await);
-    assert_eq!(critical(&real), critical(&embedded), "critical incidents differ: real {real:?} embedded {embedded:?}");
+    assert_eq!(
+        critical(&real),
+        critical(&embedded),
+        "critical incidents differ: real {real:?} embedded {embedded:?}"
+    );
     assert!(critical(&real).contains(&b.incident_id));
 
     // Re-sending everything changes nothing: no new incident, no new alert.
     let before = alerts.len();
-    let dups_before = metric(stack.correlator_http, "tollguard_correlator_duplicate_events_total").await;
+    let dups_before = metric(
+        stack.correlator_http,
+        "tollguard_correlator_duplicate_events_total",
+    )
+    .await;
     stack.send_all(&files);
     stack.wait_processed(2.0 * n as f64).await;
-    let dups = metric(stack.correlator_http, "tollguard_correlator_duplicate_events_total").await - dups_before;
-    assert_eq!(dups as usize, n, "every re-sent event is recognised as a duplicate");
+    let dups = metric(
+        stack.correlator_http,
+        "tollguard_correlator_duplicate_events_total",
+    )
+    .await
+        - dups_before;
+    assert_eq!(
+        dups as usize, n,
+        "every re-sent event is recognised as a duplicate"
+    );
     let again = stack.alerts().await;
     assert_eq!(again.len(), before, "re-sending produced new alerts");
     assert_eq!(incidents(&again), real);
@@ -286,9 +369,14 @@ async fn a_correlator_killed_mid_stream_restarts_with_the_same_incidents_and_no_
     stack.send_all(&files);
     // Kill -9 once it is part-way through.
     let port = stack.correlator_http;
-    wait_for("the correlator to make progress", Duration::from_secs(120), || async move {
-        (metric(port, "tollguard_correlator_events_total").await >= (n / 3) as f64).then_some(())
-    })
+    wait_for(
+        "the correlator to make progress",
+        Duration::from_secs(120),
+        || async move {
+            (metric(port, "tollguard_correlator_events_total").await >= (n / 3) as f64)
+                .then_some(())
+        },
+    )
     .await;
     stack.correlator.as_mut().unwrap().kill9();
     stack.correlator = None;
@@ -297,17 +385,24 @@ async fn a_correlator_killed_mid_stream_restarts_with_the_same_incidents_and_no_
     // until the group has committed everything.
     let group = stack.group.clone();
     let calls = stack.calls.clone();
-    wait_for("the correlator group to commit every record", Duration::from_secs(180), || {
-        let (g, c) = (group.clone(), calls.clone());
-        async move { (group_lag(&g, &c) == Some(0)).then_some(()) }
-    })
+    wait_for(
+        "the correlator group to commit every record",
+        Duration::from_secs(180),
+        || {
+            let (g, c) = (group.clone(), calls.clone());
+            async move { (group_lag(&g, &c) == Some(0)).then_some(()) }
+        },
+    )
     .await;
     let alerts = wait_for("the burst incident", Duration::from_secs(60), || {
         let s = &stack;
         async move {
             let a = s.alerts().await;
             a.iter()
-                .any(|a| a.rule == pb::Rule::MultiCarrierBurst as i32 && a.severity == pb::Severity::Critical as i32)
+                .any(|a| {
+                    a.rule == pb::Rule::MultiCarrierBurst as i32
+                        && a.severity == pb::Severity::Critical as i32
+                })
                 .then_some(a)
         }
     })
@@ -315,5 +410,9 @@ async fn a_correlator_killed_mid_stream_restarts_with_the_same_incidents_and_no_
     assert_no_duplicate_versions(&alerts);
     let real = incidents(&alerts);
     let embedded = incidents(&embedded_incidents(&files, &stack.key, &stack.policies).await);
-    assert_eq!(critical(&real), critical(&embedded), "real {real:?} embedded {embedded:?}");
+    assert_eq!(
+        critical(&real),
+        critical(&embedded),
+        "real {real:?} embedded {embedded:?}"
+    );
 }

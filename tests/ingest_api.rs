@@ -43,21 +43,39 @@ async fn start(dir: &Path) -> Ingester {
         ("TOLLGUARD__KAFKA__BOOTSTRAP".to_string(), kafka()),
         ("TOLLGUARD__PROVIDER_ID".into(), "kpn".into()),
         ("TOLLGUARD__DIAL_PLAN__HOME_COUNTRY".into(), "NL".into()),
-        ("TOLLGUARD__LISTEN__GRPC".into(), format!("127.0.0.1:{grpc}")),
-        ("TOLLGUARD__LISTEN__HTTP".into(), format!("127.0.0.1:{http}")),
+        (
+            "TOLLGUARD__LISTEN__GRPC".into(),
+            format!("127.0.0.1:{grpc}"),
+        ),
+        (
+            "TOLLGUARD__LISTEN__HTTP".into(),
+            format!("127.0.0.1:{http}"),
+        ),
         ("TOLLGUARD__PSEUDONYMIZATION__KEY_ID".into(), "k1".into()),
-        ("TOLLGUARD__PSEUDONYMIZATION__KEY_FILE".into(), key.display().to_string()),
+        (
+            "TOLLGUARD__PSEUDONYMIZATION__KEY_FILE".into(),
+            key.display().to_string(),
+        ),
         ("TOLLGUARD__TOPIC".into(), topic.clone()),
         ("TOLLGUARD__LIMITS__MAX_BATCH_RECORDS".into(), "100".into()),
-        ("TOLLGUARD__LIMITS__MAX_MESSAGE_BYTES".into(), "65536".into()),
+        (
+            "TOLLGUARD__LIMITS__MAX_MESSAGE_BYTES".into(),
+            "65536".into(),
+        ),
     ];
     let p = Proc::spawn(dir, "ingester", &bin("tollguard-ingester"), &[], &env);
     wait_ready(&p, http, Duration::from_secs(60)).await;
-    Ingester { _proc: p, grpc, topic }
+    Ingester {
+        _proc: p,
+        grpc,
+        topic,
+    }
 }
 
 async fn client(port: u16) -> IngestClient<tonic::transport::Channel> {
-    IngestClient::connect(format!("http://127.0.0.1:{port}")).await.unwrap()
+    IngestClient::connect(format!("http://127.0.0.1:{port}"))
+        .await
+        .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -70,7 +88,10 @@ async fn bad_input_is_refused_and_never_reaches_kafka() {
     let mut spoof = record("spoof-1");
     spoof.provider_id = "bt".into();
     let st = c
-        .publish_batch(pb::PublishRequest { batch_id: 1, records: vec![record("spoof-ok"), spoof] })
+        .publish_batch(pb::PublishRequest {
+            batch_id: 1,
+            records: vec![record("spoof-ok"), spoof],
+        })
         .await
         .unwrap_err();
     assert_eq!(st.code(), tonic::Code::PermissionDenied, "{st:?}");
@@ -90,22 +111,46 @@ async fn bad_input_is_refused_and_never_reaches_kafka() {
         .unwrap()
         .into_inner();
     assert_eq!((ack.batch_id, ack.accepted, ack.rejected), (2, 1, 2));
-    let fields: Vec<(u32, &str, &str)> = ack.errors.iter().map(|e| (e.index, e.field.as_str(), e.code.as_str())).collect();
-    assert_eq!(fields, vec![(0, "callee", "INVALID_ARGUMENT"), (2, "start_time", "INVALID_ARGUMENT")]);
-    assert!(ack.errors[0].reason.contains("letters"), "{:?}", ack.errors[0]);
+    let fields: Vec<(u32, &str, &str)> = ack
+        .errors
+        .iter()
+        .map(|e| (e.index, e.field.as_str(), e.code.as_str()))
+        .collect();
+    assert_eq!(
+        fields,
+        vec![
+            (0, "callee", "INVALID_ARGUMENT"),
+            (2, "start_time", "INVALID_ARGUMENT")
+        ]
+    );
+    assert!(
+        ack.errors[0].reason.contains("letters"),
+        "{:?}",
+        ack.errors[0]
+    );
 
     // Oversized message.
     let mut huge = record("huge");
     huge.line_id = "x".repeat(100_000);
     let st = c
-        .publish_batch(pb::PublishRequest { batch_id: 3, records: vec![huge] })
+        .publish_batch(pb::PublishRequest {
+            batch_id: 3,
+            records: vec![huge],
+        })
         .await
         .unwrap_err();
     assert!(
-        matches!(st.code(), tonic::Code::OutOfRange | tonic::Code::ResourceExhausted),
+        matches!(
+            st.code(),
+            tonic::Code::OutOfRange | tonic::Code::ResourceExhausted
+        ),
         "{st:?}"
     );
-    assert!(st.message().to_lowercase().contains("message"), "{}", st.message());
+    assert!(
+        st.message().to_lowercase().contains("message"),
+        "{}",
+        st.message()
+    );
 
     // Too many records in one batch.
     let st = c
@@ -116,23 +161,46 @@ async fn bad_input_is_refused_and_never_reaches_kafka() {
         .await
         .unwrap_err();
     assert_eq!(st.code(), tonic::Code::InvalidArgument);
-    assert!(st.message().contains("records") && st.message().contains("100"), "{}", st.message());
+    assert!(
+        st.message().contains("records") && st.message().contains("100"),
+        "{}",
+        st.message()
+    );
 
     // The bidirectional stream acknowledges batches in order.
     let reqs = vec![
-        pb::PublishRequest { batch_id: 10, records: vec![record("s-1"), record("s-2")] },
-        pb::PublishRequest { batch_id: 11, records: vec![record("s-3")] },
+        pb::PublishRequest {
+            batch_id: 10,
+            records: vec![record("s-1"), record("s-2")],
+        },
+        pb::PublishRequest {
+            batch_id: 11,
+            records: vec![record("s-3")],
+        },
     ];
-    let mut acks = c.publish(tokio_stream_iter(reqs)).await.unwrap().into_inner();
+    let mut acks = c
+        .publish(tokio_stream_iter(reqs))
+        .await
+        .unwrap()
+        .into_inner();
     let a1 = acks.message().await.unwrap().unwrap();
     let a2 = acks.message().await.unwrap().unwrap();
-    assert_eq!((a1.batch_id, a1.accepted, a2.batch_id, a2.accepted), (10, 2, 11, 1));
+    assert_eq!(
+        (a1.batch_id, a1.accepted, a2.batch_id, a2.accepted),
+        (10, 2, 11, 1)
+    );
 
     // Kafka holds exactly the accepted events, and no raw identity.
-    let recs = consume_all(&kafka(), &ing.topic, Duration::from_secs(20)).await.unwrap();
+    let recs = consume_all(&kafka(), &ing.topic, Duration::from_secs(20))
+        .await
+        .unwrap();
     let mut ids: Vec<String> = recs
         .iter()
-        .map(|r| pb::CallEvent::decode(r.payload.as_slice()).unwrap().event_id)
+        .map(|r| {
+            pb::CallEvent::decode(r.payload.as_slice())
+                .unwrap()
+                .event_id
+        })
         .collect();
     ids.sort();
     assert_eq!(ids, ["good-1", "s-1", "s-2", "s-3"]);
@@ -147,7 +215,9 @@ async fn bad_input_is_refused_and_never_reaches_kafka() {
     }
 }
 
-fn tokio_stream_iter(v: Vec<pb::PublishRequest>) -> impl tokio_stream::Stream<Item = pb::PublishRequest> {
+fn tokio_stream_iter(
+    v: Vec<pb::PublishRequest>,
+) -> impl tokio_stream::Stream<Item = pb::PublishRequest> {
     tokio_stream::iter(v)
 }
 
@@ -166,18 +236,41 @@ fn bad_configuration_exits_64_naming_the_key() {
             cmd.env(k, v);
         }
         let out = cmd.output().unwrap();
-        (out.status.code(), String::from_utf8_lossy(&out.stderr).to_string())
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
     };
     assert_eq!(run(&[]).0, Some(0));
     for (k, v, named) in [
-        ("TOLLGUARD__DIAL_PLAN__HOME_COUNTRY", "XX", "dial_plan.home_country"),
-        ("TOLLGUARD__LIMITS__MAX_BATCH_RECORDS", "0", "limits.max_batch_records"),
-        ("TOLLGUARD__LIMITS__MAX_BATCH_RECORDS", "lots", "limits.max_batch_records"),
-        ("TOLLGUARD__KAFKA__BOOTSTRAP", "nohostport", "kafka.bootstrap"),
+        (
+            "TOLLGUARD__DIAL_PLAN__HOME_COUNTRY",
+            "XX",
+            "dial_plan.home_country",
+        ),
+        (
+            "TOLLGUARD__LIMITS__MAX_BATCH_RECORDS",
+            "0",
+            "limits.max_batch_records",
+        ),
+        (
+            "TOLLGUARD__LIMITS__MAX_BATCH_RECORDS",
+            "lots",
+            "limits.max_batch_records",
+        ),
+        (
+            "TOLLGUARD__KAFKA__BOOTSTRAP",
+            "nohostport",
+            "kafka.bootstrap",
+        ),
         ("TOLLGUARD__PROVIDER_ID", "KPN!", "provider_id"),
         ("TOLLGUARD__LISTEN__GRPC", "not-an-address", "listen.grpc"),
         ("TOLLGUARD__BOGUS", "1", "bogus"),
-        ("TOLLGUARD__PSEUDONYMIZATION__KEY_FILE", "/nonexistent/key", "pseudonymization.key_file"),
+        (
+            "TOLLGUARD__PSEUDONYMIZATION__KEY_FILE",
+            "/nonexistent/key",
+            "pseudonymization.key_file",
+        ),
     ] {
         let (code, err) = run(&[(k, v)]);
         assert_eq!(code, Some(64), "{k}={v}: {err}");

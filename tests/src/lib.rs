@@ -76,7 +76,13 @@ pub struct Proc {
 
 impl Proc {
     /// Spawns `bin` with `args` and environment `envs`, logging to `dir`.
-    pub fn spawn(dir: &Path, name: &str, bin: &Path, args: &[&str], envs: &[(String, String)]) -> Self {
+    pub fn spawn(
+        dir: &Path,
+        name: &str,
+        bin: &Path,
+        args: &[&str],
+        envs: &[(String, String)],
+    ) -> Self {
         let log = dir.join(format!("{name}.log"));
         let f = std::fs::File::create(&log).expect("log file");
         let f2 = f.try_clone().expect("log file");
@@ -141,7 +147,10 @@ where
         if let Some(v) = f().await {
             return v;
         }
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -149,7 +158,9 @@ where
 /// A plain HTTP/1.0 GET on 127.0.0.1: (status, body).
 pub async fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.ok()?;
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .ok()?;
     s.write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes())
         .await
         .ok()?;
@@ -160,7 +171,10 @@ pub async fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
         .ok()?;
     let text = String::from_utf8_lossy(&buf).to_string();
     let status = text.split_whitespace().nth(1)?.parse().ok()?;
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
     Some((status, body))
 }
 
@@ -180,7 +194,7 @@ pub async fn metric(port: u16, name: &str) -> f64 {
     };
     body.lines()
         .filter(|l| !l.starts_with('#'))
-        .filter(|l| l.split(|c| c == '{' || c == ' ').next() == Some(name))
+        .filter(|l| l.split(['{', ' ']).next() == Some(name))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
 }
@@ -204,7 +218,13 @@ pub fn group_lag(group: &str, topic: &str) -> Option<i64> {
         .ok()?;
     let t = Duration::from_secs(5);
     let md = c.fetch_metadata(Some(topic), t).ok()?;
-    let parts: Vec<i32> = md.topics().first()?.partitions().iter().map(|p| p.id()).collect();
+    let parts: Vec<i32> = md
+        .topics()
+        .first()?
+        .partitions()
+        .iter()
+        .map(|p| p.id())
+        .collect();
     let mut tpl = TopicPartitionList::new();
     for p in &parts {
         tpl.add_partition(topic, *p);

@@ -37,14 +37,18 @@ pub struct PipelineOpts {
 }
 
 fn read(key: &str, p: &PathBuf) -> Result<String, ConfigError> {
-    std::fs::read_to_string(p).map_err(|e| ConfigError::new(key, format!("cannot read {}: {e}", p.display())))
+    std::fs::read_to_string(p)
+        .map_err(|e| ConfigError::new(key, format!("cannot read {}: {e}", p.display())))
 }
 
 impl PipelineOpts {
     /// The key (ephemeral if no file).
     pub fn key(&self) -> Result<(Key, bool), ConfigError> {
         match &self.key_file {
-            Some(p) => Ok((Key::from_text(&self.key_id, &read("--key-file", p)?)?, false)),
+            Some(p) => Ok((
+                Key::from_text(&self.key_id, &read("--key-file", p)?)?,
+                false,
+            )),
             None => {
                 let bytes: [u8; 32] = rand::random();
                 Ok((Key::new("ephemeral", &bytes)?, true))

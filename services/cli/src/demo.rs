@@ -3,13 +3,13 @@
 use std::collections::BTreeMap;
 use std::io::Write;
 
+use tollguard_core::codec::from_ts;
 use tollguard_core::money::format_eur;
 use tollguard_core::pseudo::Kind;
 use tollguard_core::render::{alert_json, rfc3339, rule_name, severity_name};
 use tollguard_core::rules::RulesConfig;
 use tollguard_core::sim::{self, Scenario, SimOutput};
 use tollguard_core::tables::RateDeck;
-use tollguard_core::codec::from_ts;
 use tollguard_proto::v1 as pb;
 
 use crate::common::PipelineOpts;
@@ -70,7 +70,9 @@ fn fraud_calls(out: &SimOutput, rates: &RateDeck) -> Vec<FraudCall> {
                 && r.record.phase.as_deref() == Some("end")
         })
         .filter_map(|r| {
-            let start = tollguard_core::record::parse_time("start_time", r.record.start_time.as_deref()?).ok()?;
+            let start =
+                tollguard_core::record::parse_time("start_time", r.record.start_time.as_deref()?)
+                    .ok()?;
             Some(FraudCall {
                 provider: r.provider.clone(),
                 start,
@@ -92,7 +94,10 @@ fn loss_until(calls: &[FraudCall], t: i64) -> i64 {
 }
 
 /// Runs the scenario through the embedded pipeline.
-pub async fn simulate_and_detect(args: &DemoArgs, pipeline: &PipelineOpts) -> anyhow::Result<DemoOutcome> {
+pub async fn simulate_and_detect(
+    args: &DemoArgs,
+    pipeline: &PipelineOpts,
+) -> anyhow::Result<DemoOutcome> {
     let mut sc = Scenario::pbx2011(args.seed);
     sc.enterprises = args.enterprises;
     let out = sim::generate(&sc);
@@ -102,7 +107,10 @@ pub async fn simulate_and_detect(args: &DemoArgs, pipeline: &PipelineOpts) -> an
     let rates = refdata.rates.clone();
     let policies = match pipeline.policies()? {
         Some(p) => Some(p),
-        None => Some(("built-in demo policy".to_string(), VICTIM_POLICY.to_string())),
+        None => Some((
+            "built-in demo policy".to_string(),
+            VICTIM_POLICY.to_string(),
+        )),
     };
     let rules = match &pipeline.rules {
         Some(_) => pipeline.rules()?,
@@ -137,12 +145,7 @@ pub async fn simulate_and_detect(args: &DemoArgs, pipeline: &PipelineOpts) -> an
         .find(|l| l.campaign == "pbx-hack-2011")
         .ok_or_else(|| anyhow::anyhow!("scenario has no 2011 campaign"))?;
     let calls = fraud_calls(&out, &rates);
-    let about_victim = |a: &pb::Alert| {
-        a.subject
-            .as_ref()
-            .and_then(|s| s.customer.as_ref())
-            .is_some_and(|c| format!("{}:{}", c.key_id, c.value) == victim)
-    };
+    let about_victim = |a: &pb::Alert| is_about(a, &victim);
     let first_critical = alerts
         .iter()
         .filter(|a| about_victim(a) && a.severity == pb::Severity::Critical as i32)
@@ -171,7 +174,11 @@ pub async fn simulate_and_detect(args: &DemoArgs, pipeline: &PipelineOpts) -> an
     Ok(DemoOutcome {
         victim,
         first_fraud: label.start_ms,
-        loss_at_detection: if t_detect == i64::MAX { 0 } else { loss_until(&calls, t_detect) },
+        loss_at_detection: if t_detect == i64::MAX {
+            0
+        } else {
+            loss_until(&calls, t_detect)
+        },
         total_loss: loss_until(&calls, i64::MAX / 2),
         first_critical,
         carriers,
@@ -181,19 +188,33 @@ pub async fn simulate_and_detect(args: &DemoArgs, pipeline: &PipelineOpts) -> an
     })
 }
 
+/// True when the alert's subject is the customer with compact token `who`.
+pub fn is_about(a: &pb::Alert, who: &str) -> bool {
+    let token = a.subject.as_ref().and_then(|s| s.customer.as_ref());
+    token.is_some_and(|c| format!("{}:{}", c.key_id, c.value) == who)
+}
+
 fn mmss(ms: i64) -> String {
-    let s = ms / 1000;
-    if s < 0 {
-        format!("-{:02}:{:02}", (-s) / 60, (-s) % 60)
+    let sign = if ms < 0 { '-' } else { '+' };
+    let s = ms.abs() / 1000;
+    if s >= 3600 {
+        format!("{sign}{}:{:02}:{:02}", s / 3600, (s / 60) % 60, s % 60)
     } else {
-        format!("+{:02}:{:02}", s / 60, s % 60)
+        format!("{sign}{:02}:{:02}", s / 60, s % 60)
     }
 }
 
 /// Runs the demo and prints the timeline and summary.
-pub async fn run(args: &DemoArgs, pipeline: &PipelineOpts, out: &mut dyn Write) -> anyhow::Result<DemoOutcome> {
+pub async fn run(
+    args: &DemoArgs,
+    pipeline: &PipelineOpts,
+    out: &mut dyn Write,
+) -> anyhow::Result<DemoOutcome> {
     if !args.json {
-        writeln!(out, "TollGuard demo — the 2011 PBX hack (ECLI:NL:RBMNE:2014:2617), replayed\n")?;
+        writeln!(
+            out,
+            "TollGuard demo — the 2011 PBX hack (ECLI:NL:RBMNE:2014:2617), replayed\n"
+        )?;
         writeln!(
             out,
             "An enterprise's PBX is hacked on a night in June 2011 and pumps calls to East Timor (+670 77)\n\
@@ -209,15 +230,21 @@ pub async fn run(args: &DemoArgs, pipeline: &PipelineOpts, out: &mut dyn Write) 
         }
         return Ok(o);
     }
-    writeln!(out, "Scenario: {} call records through ingest → in-process bus → correlator → notifier.", o.records)?;
-    writeln!(out, "First fraudulent call: {} (event time)\n", rfc3339(o.first_fraud))?;
-    writeln!(out, "Timeline (event time, relative to the first fraudulent call):")?;
-    for a in o.alerts.iter().filter(|a| {
-        a.subject
-            .as_ref()
-            .and_then(|s| s.customer.as_ref())
-            .is_some_and(|c| format!("{}:{}", c.key_id, c.value) == o.victim)
-    }) {
+    writeln!(
+        out,
+        "Scenario: {} call records through ingest → in-process bus → correlator → notifier.",
+        o.records
+    )?;
+    writeln!(
+        out,
+        "First fraudulent call: {} (event time)\n",
+        rfc3339(o.first_fraud)
+    )?;
+    writeln!(
+        out,
+        "Timeline (event time, relative to the first fraudulent call):"
+    )?;
+    for a in o.alerts.iter().filter(|a| is_about(a, &o.victim)) {
         let at = a.detected_at.as_ref().map(from_ts).unwrap_or(0);
         writeln!(
             out,
@@ -235,16 +262,22 @@ pub async fn run(args: &DemoArgs, pipeline: &PipelineOpts, out: &mut dyn Write) 
     let other: Vec<_> = o
         .alerts
         .iter()
-        .filter(|a| {
-            !a.subject
-                .as_ref()
-                .and_then(|s| s.customer.as_ref())
-                .is_some_and(|c| format!("{}:{}", c.key_id, c.value) == o.victim)
-        })
+        .filter(|a| !is_about(a, &o.victim))
         .collect();
-    writeln!(out, "\nOther alerts in the consortium traffic: {}", other.len())?;
+    writeln!(
+        out,
+        "\nOther alerts in the consortium traffic: {}",
+        other.len()
+    )?;
     for a in other.iter().take(10) {
-        writeln!(out, "  {} {} {}: {}", severity_name(a), rule_name(a), a.incident_id, a.summary)?;
+        writeln!(
+            out,
+            "  {} {} {}: {}",
+            severity_name(a),
+            rule_name(a),
+            a.incident_id,
+            a.summary
+        )?;
     }
     writeln!(out, "\nSummary")?;
     match &o.first_critical {
@@ -264,19 +297,29 @@ pub async fn run(args: &DemoArgs, pipeline: &PipelineOpts, out: &mut dyn Write) 
                 format_eur(o.total_loss),
                 100.0 * o.loss_at_detection as f64 / o.total_loss.max(1) as f64
             )?;
-            writeln!(out, "  In 2011 the enterprise was told after 17 days; the bill was EUR 176,895.05.")?;
+            writeln!(
+                out,
+                "  In 2011 the enterprise was told after 17 days; the bill was EUR 176,895.05."
+            )?;
         }
         None => writeln!(out, "  The hack was NOT detected as critical.")?,
     }
     let th = RulesConfig::default().multi_carrier_burst;
-    writeln!(out, "  Each carrier's share of the fraud traffic (calls before detection / total calls / est. loss):")?;
+    writeln!(
+        out,
+        "  Each carrier's share of the fraud traffic (calls before detection / total calls / est. loss):"
+    )?;
     for (p, (before, total, loss)) in &o.carriers {
         writeln!(
             out,
             "    {p:<9} {before:>3} / {total:>4} calls, {}  — alone below the {}-call threshold at detection: {}",
             format_eur(*loss),
             th.critical_calls,
-            if (*before as i64) < th.critical_calls { "yes" } else { "no" }
+            if (*before as i64) < th.critical_calls {
+                "yes"
+            } else {
+                "no"
+            }
         )?;
     }
     writeln!(

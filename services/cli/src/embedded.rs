@@ -46,7 +46,10 @@ impl Providers {
     }
 
     fn plan(&self, provider: &str) -> DialPlan {
-        self.plans.get(provider).cloned().unwrap_or_else(|| self.fallback.clone())
+        self.plans
+            .get(provider)
+            .cloned()
+            .unwrap_or_else(|| self.fallback.clone())
     }
 }
 
@@ -158,7 +161,8 @@ impl Embedded {
         while i < records.len() {
             let provider = records[i].1.provider_id.clone().unwrap_or_default();
             let mut j = i;
-            while j < records.len() && records[j].1.provider_id.as_deref().unwrap_or("") == provider {
+            while j < records.len() && records[j].1.provider_id.as_deref().unwrap_or("") == provider
+            {
                 j += 1;
             }
             let chunk: Vec<RawRecord> = records[i..j].iter().map(|(_, r)| r.clone()).collect();

@@ -31,7 +31,9 @@ pub struct RecordReader {
 
 impl std::fmt::Debug for RecordReader {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RecordReader").field("path", &self.path).finish()
+        f.debug_struct("RecordReader")
+            .field("path", &self.path)
+            .finish()
     }
 }
 
@@ -51,14 +53,18 @@ impl RecordReader {
     /// Opens a file.
     pub fn open(path: &Path, format: Format, mapping: Option<&CsvMapping>) -> anyhow::Result<Self> {
         let fmt = match format {
-            Format::Auto if path.extension().is_some_and(|e| e.eq_ignore_ascii_case("csv")) => {
+            Format::Auto
+                if path
+                    .extension()
+                    .is_some_and(|e| e.eq_ignore_ascii_case("csv")) =>
+            {
                 Format::Csv
             }
             Format::Auto => Format::Jsonl,
             f => f,
         };
-        let file = File::open(path)
-            .map_err(|e| anyhow::anyhow!("cannot open {}: {e}", path.display()))?;
+        let file =
+            File::open(path).map_err(|e| anyhow::anyhow!("cannot open {}: {e}", path.display()))?;
         let inner = match fmt {
             Format::Csv => {
                 let default = CsvMapping::default();
@@ -69,7 +75,9 @@ impl RecordReader {
                     .from_reader(file);
                 let header = rdr
                     .headers()
-                    .map_err(|e| anyhow::anyhow!("{}: cannot read CSV header: {e}", path.display()))?
+                    .map_err(|e| {
+                        anyhow::anyhow!("{}: cannot read CSV header: {e}", path.display())
+                    })?
                     .clone();
                 let mapper = mapping
                     .reader(&header)
@@ -110,7 +118,10 @@ impl Iterator for RecordReader {
                     Err(e) => {
                         return Some((
                             *n,
-                            Err(FieldError::invalid("record", format!("unreadable line: {e}"))),
+                            Err(FieldError::invalid(
+                                "record",
+                                format!("unreadable line: {e}"),
+                            )),
                         ));
                     }
                 }
@@ -119,7 +130,10 @@ impl Iterator for RecordReader {
                 *n += 1;
                 match rows.next()? {
                     Ok(row) => Some((*n, mapper.map(&row))),
-                    Err(e) => Some((*n, Err(FieldError::invalid("record", format!("bad CSV row: {e}"))))),
+                    Err(e) => Some((
+                        *n,
+                        Err(FieldError::invalid("record", format!("bad CSV row: {e}"))),
+                    )),
                 }
             }
         }
@@ -158,7 +172,10 @@ impl Merge {
 
     /// Paths of the files.
     pub fn paths(&self) -> Vec<PathBuf> {
-        self.readers.iter().map(|r| r.path().to_path_buf()).collect()
+        self.readers
+            .iter()
+            .map(|r| r.path().to_path_buf())
+            .collect()
     }
 }
 

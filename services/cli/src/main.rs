@@ -1,5 +1,7 @@
 //! `tollguard` — catch cross-carrier toll fraud. See `tollguard --help`.
 
+#![allow(clippy::print_stdout)] // a command-line program prints its results
+
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -65,7 +67,10 @@ enum PseudoKind {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start runtime: {e}");
@@ -78,11 +83,19 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Demo { args, pipeline } => {
                 let o = demo::run(&args, &pipeline, &mut out).await?;
-                Ok(if o.first_critical.is_some() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+                Ok(if o.first_critical.is_some() {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::FAILURE
+                })
             }
             Command::Replay(args) => {
                 let s = replay::run(&args, &mut out, &mut err).await?;
-                Ok(if s.rejected > 0 { ExitCode::from(1) } else { ExitCode::SUCCESS })
+                Ok(if s.rejected > 0 {
+                    ExitCode::from(1)
+                } else {
+                    ExitCode::SUCCESS
+                })
             }
             Command::Simulate(args) => {
                 simulate::run(&args, &mut err)?;
@@ -90,7 +103,11 @@ fn main() -> ExitCode {
             }
             Command::Send(args) => {
                 let s = send::run(&args, &mut err).await?;
-                Ok(if s.rejected > 0 { ExitCode::from(1) } else { ExitCode::SUCCESS })
+                Ok(if s.rejected > 0 {
+                    ExitCode::from(1)
+                } else {
+                    ExitCode::SUCCESS
+                })
             }
             Command::Pseudonymize {
                 kind,

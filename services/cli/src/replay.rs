@@ -54,21 +54,32 @@ pub struct ReplaySummary {
 /// Loads a CSV mapping file: either a bare mapping or one under `[csv]`.
 pub fn load_mapping(p: &PathBuf) -> anyhow::Result<CsvMapping> {
     let text = std::fs::read_to_string(p)?;
-    let table: toml::Table = toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?;
+    let table: toml::Table =
+        toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?;
     let t = match table.get("csv") {
         Some(toml::Value::Table(t)) => t.clone(),
         _ => table,
     };
-    let m: CsvMapping = t.try_into().map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?;
-    m.validate("csv").map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?;
+    let m: CsvMapping = t
+        .try_into()
+        .map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?;
+    m.validate("csv")
+        .map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?;
     Ok(m)
 }
 
 /// Runs a replay, writing alerts to `out` as they are produced.
-pub async fn run(args: &ReplayArgs, out: &mut dyn Write, err: &mut dyn Write) -> anyhow::Result<ReplaySummary> {
+pub async fn run(
+    args: &ReplayArgs,
+    out: &mut dyn Write,
+    err: &mut dyn Write,
+) -> anyhow::Result<ReplaySummary> {
     let (key, ephemeral) = args.pipeline.key()?;
     if ephemeral {
-        writeln!(err, "note: no --key-file given; using an ephemeral key (tokens differ from production)")?;
+        writeln!(
+            err,
+            "note: no --key-file given; using an ephemeral key (tokens differ from production)"
+        )?;
     }
     let mapping = args.csv_mapping.as_ref().map(load_mapping).transpose()?;
     let mut emb = Embedded::new(EmbeddedConfig {

@@ -20,7 +20,11 @@ pub struct SendArgs {
     #[arg(value_name = "FILE")]
     pub file: PathBuf,
     /// Ingester gRPC address.
-    #[arg(long, default_value = "http://127.0.0.1:50051", env = "TOLLGUARD_INGESTER")]
+    #[arg(
+        long,
+        default_value = "http://127.0.0.1:50051",
+        env = "TOLLGUARD_INGESTER"
+    )]
     pub ingester: String,
     /// Input format.
     #[arg(long, value_enum, default_value = "auto")]
@@ -69,8 +73,10 @@ async fn send_batch(
         match client.publish_batch(r).await {
             Ok(ack) => return Ok(ack.into_inner()),
             Err(s)
-                if matches!(s.code(), tonic::Code::ResourceExhausted | tonic::Code::Unavailable)
-                    && attempt < args.retries =>
+                if matches!(
+                    s.code(),
+                    tonic::Code::ResourceExhausted | tonic::Code::Unavailable
+                ) && attempt < args.retries =>
             {
                 attempt += 1;
                 let wait = s
@@ -149,8 +155,15 @@ pub async fn run(args: &SendArgs, err: &mut dyn Write) -> anyhow::Result<SendSum
                         st.code(),
                         st.message()
                     )?;
-                    if matches!(st.code(), tonic::Code::Unavailable | tonic::Code::ResourceExhausted) {
-                        anyhow::bail!("ingester unavailable after {} retries: {}", args.retries, st.message());
+                    if matches!(
+                        st.code(),
+                        tonic::Code::Unavailable | tonic::Code::ResourceExhausted
+                    ) {
+                        anyhow::bail!(
+                            "ingester unavailable after {} retries: {}",
+                            args.retries,
+                            st.message()
+                        );
                     }
                 }
             }

@@ -29,19 +29,37 @@ async fn demo_detects_the_2011_hack_within_five_minutes_and_no_benign_critical()
         enterprises: 300,
     };
     let o = simulate_and_detect(&args, &pipeline()).await.unwrap();
-    let first = o.first_critical.as_ref().expect("the hack is detected as critical");
+    let first = o
+        .first_critical
+        .as_ref()
+        .expect("the hack is detected as critical");
     let at = from_ts(first.detected_at.as_ref().unwrap());
     let delay = at - o.first_fraud;
-    assert!(delay >= 0 && delay <= 5 * 60_000, "detected {delay} ms after the first fraudulent call");
-    assert!(o.loss_at_detection < 500 * MICROS, "loss at detection {}", o.loss_at_detection);
+    assert!(
+        (0..=5 * 60_000).contains(&delay),
+        "detected {delay} ms after the first fraudulent call"
+    );
+    assert!(
+        o.loss_at_detection < 500 * MICROS,
+        "loss at detection {}",
+        o.loss_at_detection
+    );
     let mut providers = first.providers.clone();
     providers.sort();
-    assert_eq!(providers, vec!["bt".to_string(), "kpn".to_string()], "via both carriers");
+    assert_eq!(
+        providers,
+        vec!["bt".to_string(), "kpn".to_string()],
+        "via both carriers"
+    );
     let subject = first.subject.as_ref().unwrap();
     assert_eq!(subject.range, "+67077");
     assert_eq!(subject.country, "TL");
     assert_eq!(first.rule, pb::Rule::MultiCarrierBurst as i32);
-    assert!(o.benign_critical.is_empty(), "benign critical incidents: {:?}", o.benign_critical);
+    assert!(
+        o.benign_critical.is_empty(),
+        "benign critical incidents: {:?}",
+        o.benign_critical
+    );
     // No single carrier alone crossed the burst threshold at detection.
     for (p, (before, _, _)) in &o.carriers {
         assert!(*before < 6, "{p} saw {before} calls before detection");
@@ -49,9 +67,15 @@ async fn demo_detects_the_2011_hack_within_five_minutes_and_no_benign_critical()
     // One incident per rule for the victim: updates and escalations, no duplicates.
     let mut by_rule = std::collections::BTreeMap::new();
     for a in o.alerts.iter().filter(|a| {
-        a.subject.as_ref().and_then(|s| s.customer.as_ref()).is_some_and(|c| format!("{}:{}", c.key_id, c.value) == o.victim)
+        a.subject
+            .as_ref()
+            .and_then(|s| s.customer.as_ref())
+            .is_some_and(|c| format!("{}:{}", c.key_id, c.value) == o.victim)
     }) {
-        by_rule.entry(a.rule).or_insert_with(std::collections::BTreeSet::new).insert(a.incident_id.clone());
+        by_rule
+            .entry(a.rule)
+            .or_insert_with(std::collections::BTreeSet::new)
+            .insert(a.incident_id.clone());
     }
     assert!(by_rule.values().all(|ids| ids.len() == 1), "{by_rule:?}");
 }
@@ -71,10 +95,21 @@ async fn replay_reports_bad_lines_by_number_and_processes_the_rest() {
     assert!(n > 1000);
     // Deterministic: same seed, same bytes.
     let dir2 = tempfile::tempdir().unwrap();
-    simulate(&SimulateArgs { out: dir2.path().to_path_buf(), ..sim }, &mut Vec::new()).unwrap();
+    simulate(
+        &SimulateArgs {
+            out: dir2.path().to_path_buf(),
+            ..sim
+        },
+        &mut Vec::new(),
+    )
+    .unwrap();
     for f in &files {
         let name = f.file_name().unwrap();
-        assert_eq!(std::fs::read(f).unwrap(), std::fs::read(dir2.path().join(name)).unwrap(), "{name:?}");
+        assert_eq!(
+            std::fs::read(f).unwrap(),
+            std::fs::read(dir2.path().join(name)).unwrap(),
+            "{name:?}"
+        );
     }
     // Corrupt two lines of the kpn file.
     let kpn = dir.path().join("kpn.jsonl");
@@ -82,7 +117,10 @@ async fn replay_reports_bad_lines_by_number_and_processes_the_rest() {
     let mut lines: Vec<String> = text.lines().map(str::to_string).collect();
     let total = lines.len() as u64;
     lines[2] = "{\"provider_id\": \"kpn\", \"event_id\": 5".into();
-    lines[9] = lines[9].replace("\"phase\":\"end\"", "\"phase\":\"later\"").replace("\"phase\":\"start\"", "\"phase\":\"later\"").replace("\"phase\":\"interim\"", "\"phase\":\"later\"");
+    lines[9] = lines[9]
+        .replace("\"phase\":\"end\"", "\"phase\":\"later\"")
+        .replace("\"phase\":\"start\"", "\"phase\":\"later\"")
+        .replace("\"phase\":\"interim\"", "\"phase\":\"later\"");
     std::fs::write(&kpn, lines.join("\n") + "\n").unwrap();
     let args = ReplayArgs {
         files: vec![kpn.clone(), dir.path().join("bt.jsonl")],
@@ -98,13 +136,26 @@ async fn replay_reports_bad_lines_by_number_and_processes_the_rest() {
     let s = replay(&args, &mut out, &mut err).await.unwrap();
     let err = String::from_utf8(err).unwrap();
     assert!(err.contains("kpn.jsonl:3: record: not valid JSON"), "{err}");
-    assert!(err.contains("kpn.jsonl:10: phase: `later` is not one of start, interim, end"), "{err}");
+    assert!(
+        err.contains("kpn.jsonl:10: phase: `later` is not one of start, interim, end"),
+        "{err}"
+    );
     assert_eq!(s.rejected, 2);
-    let bt_lines = std::fs::read_to_string(dir.path().join("bt.jsonl")).unwrap().lines().count() as u64;
+    let bt_lines = std::fs::read_to_string(dir.path().join("bt.jsonl"))
+        .unwrap()
+        .lines()
+        .count() as u64;
     assert_eq!(s.read, total + bt_lines);
     assert_eq!(s.accepted, total + bt_lines - 2);
     // The hack is still found, and the JSON output is one alert per line.
     let out = String::from_utf8(out).unwrap();
-    let alerts: Vec<serde_json::Value> = out.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
-    assert!(alerts.iter().any(|a| a["rule"] == "multi_carrier_burst" && a["severity"] == "critical"));
+    let alerts: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(
+        alerts
+            .iter()
+            .any(|a| a["rule"] == "multi_carrier_burst" && a["severity"] == "critical")
+    );
 }

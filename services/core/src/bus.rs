@@ -82,8 +82,11 @@ pub trait EventBus: Send + Sync + fmt::Debug {
     /// [`BusError::Backpressure`].
     async fn publish(&self, records: Vec<OutRecord>) -> Result<(), BusError>;
     /// Joins consumer group `group` on `topics`.
-    async fn subscribe(&self, topics: &[&str], group: &str)
-    -> Result<Box<dyn Subscription>, BusError>;
+    async fn subscribe(
+        &self,
+        topics: &[&str],
+        group: &str,
+    ) -> Result<Box<dyn Subscription>, BusError>;
 }
 
 /// A consumer-group member.

@@ -170,7 +170,11 @@ impl Token {
 
     /// Short form for display (`k1:3f2a9c…`).
     pub fn short(&self) -> String {
-        format!("{}:{}", self.key_id, &self.value[..self.value.len().min(10)])
+        format!(
+            "{}:{}",
+            self.key_id,
+            &self.value[..self.value.len().min(10)]
+        )
     }
 }
 

@@ -89,7 +89,16 @@ mod tests {
 
     #[test]
     fn refuses_bad_amounts() {
-        for bad in ["", "-1", "1.2.3", "abc", "1.1234567", "NaN", "1e9", "99999999999"] {
+        for bad in [
+            "",
+            "-1",
+            "1.2.3",
+            "abc",
+            "1.1234567",
+            "NaN",
+            "1e9",
+            "99999999999",
+        ] {
             let e = parse_amount("charge.amount", bad).unwrap_err();
             assert_eq!(e.field, "charge.amount", "{bad}");
         }

@@ -58,7 +58,10 @@ impl DialPlan {
         let id = phonenumber::country::Id::from_str(&self.home_country).map_err(|_| {
             ConfigError::new(
                 format!("{prefix}.home_country"),
-                format!("`{}` is not an ISO 3166-1 alpha-2 country", self.home_country),
+                format!(
+                    "`{}` is not an ISO 3166-1 alpha-2 country",
+                    self.home_country
+                ),
             )
         })?;
         let meta = DATABASE.by_id(id.as_ref()).ok_or_else(|| {
@@ -217,11 +220,7 @@ impl Normalizer {
             } else if !self.plan.national_prefix.is_empty()
                 && d.starts_with(self.plan.national_prefix.as_str())
             {
-                format!(
-                    "{}{}",
-                    self.home_cc,
-                    &d[self.plan.national_prefix.len()..]
-                )
+                format!("{}{}", self.home_cc, &d[self.plan.national_prefix.len()..])
             } else {
                 format!("{}{}", self.home_cc, d)
             }
@@ -229,7 +228,10 @@ impl Normalizer {
         if international.len() > 15 {
             return Err(FieldError::invalid(
                 field,
-                format!("has {} digits; E.164 allows at most 15", international.len()),
+                format!(
+                    "has {} digits; E.164 allows at most 15",
+                    international.len()
+                ),
             ));
         }
         let Some(cc) = country_code_of(&international) else {
@@ -279,9 +281,11 @@ pub fn classify(e164: &str, range_digits: usize, risk: &RiskTable) -> NumberInfo
         .and_then(|p| p.metadata(&DATABASE))
         .map(|m| m.id().to_string())
         .or_else(|| {
-            DATABASE
-                .by_code(&cc)
-                .and_then(|ms| ms.into_iter().find(|m| m.is_main_country_for_code()).map(|m| m.id().to_string()))
+            DATABASE.by_code(&cc).and_then(|ms| {
+                ms.into_iter()
+                    .find(|m| m.is_main_country_for_code())
+                    .map(|m| m.id().to_string())
+            })
         })
         .unwrap_or_else(|| "ZZ".to_string());
     let mut number_type = match parsed.as_ref().map(|p| p.number_type(&DATABASE)) {

@@ -178,7 +178,10 @@ mod tests {
             Key::new("k1", b"short").unwrap_err().key,
             "pseudonymization.key"
         );
-        let dbg = format!("{:?}", Key::from_text("k1", "supersecretsupersecretsupersecret!!").unwrap());
+        let dbg = format!(
+            "{:?}",
+            Key::from_text("k1", "supersecretsupersecretsupersecret!!").unwrap()
+        );
         assert!(!dbg.contains("supersecret"));
     }
 }

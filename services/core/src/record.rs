@@ -72,7 +72,10 @@ pub const FIELDS: &[&str] = &[
 /// Maximum length of one JSON line, in bytes.
 pub const MAX_LINE_BYTES: usize = 16 * 1024;
 
-fn str_field(obj: &serde_json::Map<String, Value>, name: &str) -> Result<Option<String>, FieldError> {
+fn str_field(
+    obj: &serde_json::Map<String, Value>,
+    name: &str,
+) -> Result<Option<String>, FieldError> {
     match obj.get(name) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(s)) => Ok(Some(s.clone())),
@@ -100,7 +103,10 @@ impl RawRecord {
         if line.len() > MAX_LINE_BYTES {
             return Err(FieldError::invalid(
                 "record",
-                format!("line is {} bytes; at most {MAX_LINE_BYTES} are allowed", line.len()),
+                format!(
+                    "line is {} bytes; at most {MAX_LINE_BYTES} are allowed",
+                    line.len()
+                ),
             ));
         }
         let v: Value = serde_json::from_str(line)
@@ -116,9 +122,10 @@ impl RawRecord {
         }
         let duration_s = match obj.get("duration_s") {
             None | Some(Value::Null) => None,
-            Some(Value::Number(n)) => Some(n.as_f64().ok_or_else(|| {
-                FieldError::invalid("duration_s", "is not a finite number")
-            })?),
+            Some(Value::Number(n)) => Some(
+                n.as_f64()
+                    .ok_or_else(|| FieldError::invalid("duration_s", "is not a finite number"))?,
+            ),
             Some(other) => {
                 return Err(FieldError::invalid(
                     "duration_s",
@@ -144,7 +151,10 @@ impl RawRecord {
                     Some(other) => {
                         return Err(FieldError::invalid(
                             "charge.amount",
-                            format!("must be a decimal string like \"12.34\", got {}", json_type(other)),
+                            format!(
+                                "must be a decimal string like \"12.34\", got {}",
+                                json_type(other)
+                            ),
                         ));
                     }
                 };
@@ -165,7 +175,10 @@ impl RawRecord {
             Some(other) => {
                 return Err(FieldError::invalid(
                     "charge",
-                    format!("must be an object {{amount, currency}}, got {}", json_type(other)),
+                    format!(
+                        "must be an object {{amount, currency}}, got {}",
+                        json_type(other)
+                    ),
                 ));
             }
         };
@@ -214,7 +227,10 @@ impl RawRecord {
             m.insert("duration_s".into(), serde_json::json!(d));
         }
         if let (Some(a), Some(c)) = (&self.charge_amount, &self.charge_currency) {
-            m.insert("charge".into(), serde_json::json!({"amount": a, "currency": c}));
+            m.insert(
+                "charge".into(),
+                serde_json::json!({"amount": a, "currency": c}),
+            );
         }
         Value::Object(m)
     }
@@ -389,7 +405,12 @@ pub fn validate(
     };
     let duration_s = match raw.duration_s {
         None if phase == Phase::Start => 0.0,
-        None => return Err(FieldError::invalid("duration_s", "is required on interim and end events")),
+        None => {
+            return Err(FieldError::invalid(
+                "duration_s",
+                "is required on interim and end events",
+            ));
+        }
         Some(d) if !d.is_finite() => {
             return Err(FieldError::invalid("duration_s", "must be a finite number"));
         }
@@ -419,7 +440,10 @@ pub fn validate(
             Some(Disposition::parse(s).ok_or_else(|| {
                 FieldError::invalid(
                     "disposition",
-                    format!("`{}` is not one of answered, busy, no_answer, failed", clip(s)),
+                    format!(
+                        "`{}` is not one of answered, busy, no_answer, failed",
+                        clip(s)
+                    ),
                 )
             })?)
         }
@@ -587,7 +611,9 @@ impl CsvMapping {
         Ok(CsvRowMapper {
             idx,
             mapping: self.clone(),
-            tz: self.tz().map_err(|e| ConfigError::new("csv.time_zone", e))?,
+            tz: self
+                .tz()
+                .map_err(|e| ConfigError::new("csv.time_zone", e))?,
         })
     }
 }
@@ -627,11 +653,18 @@ impl CsvRowMapper {
             return Ok(Some(v));
         };
         let naive = NaiveDateTime::parse_from_str(&v, fmt).map_err(|e| {
-            FieldError::invalid(field, format!("`{}` does not match `{fmt}` ({e})", clip(&v)))
+            FieldError::invalid(
+                field,
+                format!("`{}` does not match `{fmt}` ({e})", clip(&v)),
+            )
         })?;
-        let local = self.tz.from_local_datetime(&naive).earliest().ok_or_else(|| {
-            FieldError::invalid(field, format!("`{v}` does not exist in {}", self.tz))
-        })?;
+        let local = self
+            .tz
+            .from_local_datetime(&naive)
+            .earliest()
+            .ok_or_else(|| {
+                FieldError::invalid(field, format!("`{v}` does not exist in {}", self.tz))
+            })?;
         Ok(Some(local.with_timezone(&chrono::Utc).to_rfc3339()))
     }
 

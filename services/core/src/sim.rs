@@ -184,12 +184,39 @@ struct Enterprise {
 }
 
 /// Destination generators: (prefix, remaining digits).
-const DOMESTIC_NL: &[(&str, usize)] = &[("+3130", 7), ("+3120", 7), ("+3110", 7), ("+316", 8), ("+3170", 7)];
-const EU: &[(&str, usize)] = &[("+322", 7), ("+4930", 8), ("+4420", 8), ("+331", 8), ("+3491", 7), ("+4179", 7), ("+4915", 9)];
-const WORLD: &[(&str, usize)] = &[("+1212555", 4), ("+8621", 8), ("+9122", 8), ("+6129", 8), ("+2711", 7), ("+90212", 7)];
+const DOMESTIC_NL: &[(&str, usize)] = &[
+    ("+3130", 7),
+    ("+3120", 7),
+    ("+3110", 7),
+    ("+316", 8),
+    ("+3170", 7),
+];
+const EU: &[(&str, usize)] = &[
+    ("+322", 7),
+    ("+4930", 8),
+    ("+4420", 8),
+    ("+331", 8),
+    ("+3491", 7),
+    ("+4179", 7),
+    ("+4915", 9),
+];
+const WORLD: &[(&str, usize)] = &[
+    ("+1212555", 4),
+    ("+8621", 8),
+    ("+9122", 8),
+    ("+6129", 8),
+    ("+2711", 7),
+    ("+90212", 7),
+];
 /// Real-ties destinations for a few benign enterprises (including
 /// high-risk countries: benign look-alikes).
-const TIES: &[(&str, usize)] = &[("+23480", 8), ("+6757", 7), ("+5372", 6), ("+2521", 6), ("+63917", 7)];
+const TIES: &[(&str, usize)] = &[
+    ("+23480", 8),
+    ("+6757", 7),
+    ("+5372", 6),
+    ("+2521", 6),
+    ("+63917", 7),
+];
 
 struct Gen {
     rng: ChaCha8Rng,
@@ -202,7 +229,11 @@ impl Gen {
         let (p, n) = set[self.rng.random_range(0..set.len())];
         let mut s = p.to_string();
         for i in 0..n {
-            let d = if i == 0 { self.rng.random_range(1..10) } else { self.rng.random_range(0..10) };
+            let d = if i == 0 {
+                self.rng.random_range(1..10)
+            } else {
+                self.rng.random_range(0..10)
+            };
             s.push(char::from(b'0' + d as u8));
         }
         s
@@ -360,7 +391,11 @@ pub fn generate(sc: &Scenario) -> SimOutput {
             .unwrap_or(1);
         let weekend = weekday >= 6;
         for e in ents.clone() {
-            let n = if weekend { e.calls_per_day * 0.08 } else { e.calls_per_day };
+            let n = if weekend {
+                e.calls_per_day * 0.08
+            } else {
+                e.calls_per_day
+            };
             let n = (n + g.rng.random_range(-0.5..0.5)).max(0.0).round() as usize;
             for _ in 0..n {
                 // Business hours 08:00-18:00 local, a few evening calls.
@@ -390,11 +425,28 @@ pub fn generate(sc: &Scenario) -> SimOutput {
                     g.number(DOMESTIC_NL)
                 };
                 let line_no = g.rng.random_range(0..e.lines);
-                let caller = format!("+3130{:07}", 1_000_000 + (ents_index(&e.id) * 37 + line_no) % 8_999_999);
+                let caller = format!(
+                    "+3130{:07}",
+                    1_000_000 + (ents_index(&e.id) * 37 + line_no) % 8_999_999
+                );
                 let answered = g.rng.random_bool(0.86);
-                let duration = if answered { exp(&mut g.rng, 170.0).clamp(3.0, 5400.0).round() } else { 0.0 };
+                let duration = if answered {
+                    exp(&mut g.rng, 170.0).clamp(3.0, 5400.0).round()
+                } else {
+                    0.0
+                };
                 let line = format!("{}-pbx-{}", e.id.replace(':', ""), line_no % 4);
-                g.call(&mut out.records, ci, Some(&e.id), &line, &caller, &callee, start, duration, answered);
+                g.call(
+                    &mut out.records,
+                    ci,
+                    Some(&e.id),
+                    &line,
+                    &caller,
+                    &callee,
+                    start,
+                    duration,
+                    answered,
+                );
             }
         }
     }
@@ -404,12 +456,17 @@ pub fn generate(sc: &Scenario) -> SimOutput {
     if sc.distributed_irsf {
         distributed_irsf(&mut g, &mut out, &ents);
     }
-    out.records.sort_by(|a, b| a.at.cmp(&b.at).then_with(|| a.record.event_id.cmp(&b.record.event_id)));
+    out.records.sort_by(|a, b| {
+        a.at.cmp(&b.at)
+            .then_with(|| a.record.event_id.cmp(&b.record.event_id))
+    });
     out
 }
 
 fn ents_index(id: &str) -> usize {
-    id.bytes().fold(0usize, |h, b| h.wrapping_mul(31).wrapping_add(b as usize)) % 100_000
+    id.bytes()
+        .fold(0usize, |h, b| h.wrapping_mul(31).wrapping_add(b as usize))
+        % 100_000
 }
 
 fn carrier_index(sc: &Scenario, id: &str) -> usize {
@@ -447,7 +504,11 @@ fn pbx_hack(g: &mut Gen, out: &mut SimOutput) {
         let ci = if ch % 2 == 0 { kpn } else { bt };
         let callee = targets[g.rng.random_range(0..targets.len())].clone();
         let duration = g.rng.random_range(240.0..1500.0f64).round();
-        let line = if ci == kpn { "kvk30123456-sip-trunk-1" } else { "kvk30123456-dsl-voip" };
+        let line = if ci == kpn {
+            "kvk30123456-sip-trunk-1"
+        } else {
+            "kvk30123456-dsl-voip"
+        };
         g.call(
             &mut out.records,
             ci,
@@ -496,7 +557,17 @@ fn distributed_irsf(g: &mut Gen, out: &mut SimOutput, ents: &[Enterprise]) {
             let callee = g.number(&[("+67571", 6)]);
             let line = format!("{}-pbx-0", id.replace(':', ""));
             let dur = g.rng.random_range(600.0..2400.0f64).round();
-            g.call(&mut out.records, *ci, Some(id), &line, "+31301112233", &callee, start, dur, true);
+            g.call(
+                &mut out.records,
+                *ci,
+                Some(id),
+                &line,
+                "+31301112233",
+                &callee,
+                start,
+                dur,
+                true,
+            );
             providers.insert(sc.carriers[*ci].id.clone());
             last = last.max(start);
         }

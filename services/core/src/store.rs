@@ -249,7 +249,8 @@ pub trait WindowStore: Send + Sync + fmt::Debug {
     /// Applies updates in order (each atomically) and returns their outcomes.
     async fn apply(&self, updates: &[Update]) -> Result<Vec<Outcome>, StoreError>;
     /// Reads state values.
-    async fn get_states(&self, keys: &[(Scope, String)]) -> Result<Vec<Option<String>>, StoreError>;
+    async fn get_states(&self, keys: &[(Scope, String)])
+    -> Result<Vec<Option<String>>, StoreError>;
     /// Compare-and-set of one state value; true if it was written.
     async fn cas_state(&self, write: &StateWrite) -> Result<bool, StoreError>;
     /// Members of a consortium-wide set (e.g. the hot list).
@@ -389,10 +390,7 @@ impl Inner {
             };
             results.push(r);
         }
-        Outcome {
-            duplicate,
-            results,
-        }
+        Outcome { duplicate, results }
     }
 
     fn op(&mut self, prefix: &str, u: &Update, op: &Op, prev: &[OpResult]) -> OpResult {
@@ -426,7 +424,10 @@ impl Inner {
                 };
                 if d != 0 {
                     let key = k(key);
-                    *self.hash(&key).entry(format!("{bucket}|{group}")).or_insert(0) += d;
+                    *self
+                        .hash(&key)
+                        .entry(format!("{bucket}|{group}"))
+                        .or_insert(0) += d;
                     self.touch(&key, u.ttl_ms);
                 }
                 OpResult::None
@@ -581,7 +582,10 @@ impl WindowStore for MemoryStore {
         Ok(updates.iter().map(|u| g.apply(&self.prefix, u)).collect())
     }
 
-    async fn get_states(&self, keys: &[(Scope, String)]) -> Result<Vec<Option<String>>, StoreError> {
+    async fn get_states(
+        &self,
+        keys: &[(Scope, String)],
+    ) -> Result<Vec<Option<String>>, StoreError> {
         let mut g = self.lock();
         Ok(keys
             .iter()

@@ -60,7 +60,12 @@ impl<T: Clone> PrefixTable<T> {
     }
 }
 
-fn check_prefix(file: &str, line: usize, prefix: &str, allow_empty: bool) -> Result<(), ConfigError> {
+fn check_prefix(
+    file: &str,
+    line: usize,
+    prefix: &str,
+    allow_empty: bool,
+) -> Result<(), ConfigError> {
     let ok = (allow_empty && prefix.is_empty())
         || (prefix.starts_with('+')
             && prefix.len() >= 2

@@ -99,9 +99,15 @@ fn classification() {
     let prem = ok(&n, "09001234567");
     assert_eq!((prem.3, prem.4), (NumberType::Premium, RiskTier::Elevated));
     let sat = ok(&n, "+881612345678");
-    assert_eq!((sat.1.as_str(), sat.3, sat.4), ("001", NumberType::InternationalNetwork, RiskTier::Critical));
+    assert_eq!(
+        (sat.1.as_str(), sat.3, sat.4),
+        ("001", NumberType::InternationalNetwork, RiskTier::Critical)
+    );
     let intl = ok(&n, "+88212345678");
-    assert_eq!((intl.3, intl.4), (NumberType::InternationalNetwork, RiskTier::Critical));
+    assert_eq!(
+        (intl.3, intl.4),
+        (NumberType::InternationalNetwork, RiskTier::Critical)
+    );
     assert_eq!(ok(&n, "+447012345678").3, NumberType::Personal);
     assert_eq!(ok(&n, "+447012345678").2, "+4470");
     let three = Normalizer::new(DialPlan::new("NL"), 3).unwrap();
@@ -115,7 +121,10 @@ fn unallocated_numbers_are_accepted_and_flagged() {
     let r = ok(&n, "+67001234567");
     assert!(r.5, "unallocated flag");
     assert_eq!(r.1, "TL");
-    assert!(r.4 >= RiskTier::High, "unallocated in a high-risk country is at least high");
+    assert!(
+        r.4 >= RiskTier::High,
+        "unallocated in a high-risk country is at least high"
+    );
     // UK drama range 07700 900xxx is reserved, never allocated.
     let gb = Normalizer::new(DialPlan::new("GB"), 2).unwrap();
     assert!(ok(&gb, "07700900123").5);

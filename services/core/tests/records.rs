@@ -65,7 +65,13 @@ fn a_good_record_is_normalised_and_pseudonymised() {
     // No raw identity anywhere in the encoded event.
     let bytes = tollguard_core::codec::encode_event(&e);
     let text = String::from_utf8_lossy(&bytes);
-    for raw in ["67077123456", "302001000", "30123456", "trunk-1", "192.0.2.7"] {
+    for raw in [
+        "67077123456",
+        "302001000",
+        "30123456",
+        "trunk-1",
+        "192.0.2.7",
+    ] {
         assert!(!text.contains(raw), "raw {raw} leaked into the event");
     }
     let back = tollguard_core::codec::decode_event(&bytes).unwrap();
@@ -114,12 +120,32 @@ fn cases() -> Vec<(&'static str, Value, &'static str)> {
         ("disposition", json!("hung_up"), "disposition"),
         ("source_ip", json!("300.1.1.1"), "source_ip"),
         ("charge", json!("12.34"), "charge"),
-        ("charge", json!({"amount": "-1", "currency": "EUR"}), "charge.amount"),
-        ("charge", json!({"amount": "1.2.3", "currency": "EUR"}), "charge.amount"),
-        ("charge", json!({"amount": "1", "currency": "eur"}), "charge.currency"),
-        ("charge", json!({"amount": "1", "currency": "XYZ"}), "charge.currency"),
+        (
+            "charge",
+            json!({"amount": "-1", "currency": "EUR"}),
+            "charge.amount",
+        ),
+        (
+            "charge",
+            json!({"amount": "1.2.3", "currency": "EUR"}),
+            "charge.amount",
+        ),
+        (
+            "charge",
+            json!({"amount": "1", "currency": "eur"}),
+            "charge.currency",
+        ),
+        (
+            "charge",
+            json!({"amount": "1", "currency": "XYZ"}),
+            "charge.currency",
+        ),
         ("charge", json!({"amount": "1"}), "charge.currency"),
-        ("charge", json!({"amount": "1", "currency": "EUR", "tax": 1}), "charge.tax"),
+        (
+            "charge",
+            json!({"amount": "1", "currency": "EUR", "tax": 1}),
+            "charge.tax",
+        ),
         ("calee", json!("+31301234567"), "calee"),
     ]
 }
@@ -206,7 +232,9 @@ fn csv_mapping_with_columns_values_and_time_zone() {
     mapping.validate("csv").unwrap();
     let data = "cdr_id;call_ref;a_number;b_number;begin;secs;account;trunk;kind\n\
                 x1;c9;0302001000;0067077123456;11-06-2011 00:47:00;605;kvk:30123456;t1;E\n";
-    let mut rdr = csv::ReaderBuilder::new().delimiter(b';').from_reader(data.as_bytes());
+    let mut rdr = csv::ReaderBuilder::new()
+        .delimiter(b';')
+        .from_reader(data.as_bytes());
     let header = rdr.headers().unwrap().clone();
     let m = mapping.reader(&header).unwrap();
     let row = rdr.records().next().unwrap().unwrap();

@@ -118,9 +118,12 @@ fn reference(cfg: &RulesConfig, seen: &[CallEvent], e: &CallEvent) -> BTreeSet<O
     // Per call of this customer: provider, start, max charge, high risk?
     let mut calls: BTreeMap<String, (String, i64, i64, bool)> = BTreeMap::new();
     for s in seen.iter().filter(|s| s.subject() == cust) {
-        let c = calls
-            .entry(s.call_key())
-            .or_insert((s.provider_id.clone(), s.start_time, 0, s.callee_info.risk_tier >= RiskTier::High));
+        let c = calls.entry(s.call_key()).or_insert((
+            s.provider_id.clone(),
+            s.start_time,
+            0,
+            s.callee_info.risk_tier >= RiskTier::High,
+        ));
         c.2 = c.2.max(s.estimated_charge);
     }
     let sum_spend = |from: i64, to: i64, w: i64| -> BTreeMap<String, i64> {
@@ -205,9 +208,10 @@ fn reference(cfg: &RulesConfig, seen: &[CallEvent], e: &CallEvent) -> BTreeSet<O
     let mut spans: BTreeMap<String, (String, i64, i64, bool)> = BTreeMap::new();
     for s in seen.iter().filter(|s| s.subject() == cust) {
         let st = s.answer_time.unwrap_or(s.start_time);
-        let sp = spans
-            .entry(s.call_key())
-            .or_insert((s.provider_id.clone(), st, s.phase_time(), false));
+        let sp =
+            spans
+                .entry(s.call_key())
+                .or_insert((s.provider_id.clone(), st, s.phase_time(), false));
         sp.1 = sp.1.min(st);
         sp.2 = sp.2.max(s.phase_time());
         sp.3 |= s.phase == Phase::End;
@@ -221,7 +225,9 @@ fn reference(cfg: &RulesConfig, seen: &[CallEvent], e: &CallEvent) -> BTreeSet<O
     }
     let ct: i64 = conc.values().sum();
     if ct > cfg.concurrency.default_channels {
-        let sev = if ct as f64 >= cfg.concurrency.default_channels as f64 * cfg.concurrency.critical_factor {
+        let sev = if ct as f64
+            >= cfg.concurrency.default_channels as f64 * cfg.concurrency.critical_factor
+        {
             Severity::Critical
         } else {
             Severity::Warning
@@ -241,20 +247,34 @@ fn reference(cfg: &RulesConfig, seen: &[CallEvent], e: &CallEvent) -> BTreeSet<O
         let w = dc.window_s as i64 * 1000;
         let mut by: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
         let mut all = BTreeSet::new();
-        for s in seen.iter().filter(|s| s.callee_info.range == e.callee_info.range) {
+        for s in seen
+            .iter()
+            .filter(|s| s.callee_info.range == e.callee_info.range)
+        {
             if s.phase_time() >= now - w {
-                by.entry(s.provider_id.clone()).or_default().insert(s.subject().compact());
+                by.entry(s.provider_id.clone())
+                    .or_default()
+                    .insert(s.subject().compact());
                 all.insert(s.subject().compact());
             }
         }
         let total = all.len() as i64;
         if by.len() >= dc.min_carriers && total >= dc.warning_customers {
-            let sev = if total >= dc.critical_customers { Severity::Critical } else { Severity::Warning };
+            let sev = if total >= dc.critical_customers {
+                Severity::Critical
+            } else {
+                Severity::Warning
+            };
             // Calls per carrier in the range window (by start bucket).
             let (from, to) = (bucket(now - w, MIN) + 1, bucket(now, MIN));
             let mut rc: BTreeMap<String, (String, i64, i64)> = BTreeMap::new();
-            for s in seen.iter().filter(|s| s.callee_info.range == e.callee_info.range) {
-                let c = rc.entry(s.call_key()).or_insert((s.provider_id.clone(), s.start_time, 0));
+            for s in seen
+                .iter()
+                .filter(|s| s.callee_info.range == e.callee_info.range)
+            {
+                let c = rc
+                    .entry(s.call_key())
+                    .or_insert((s.provider_id.clone(), s.start_time, 0));
                 c.2 = c.2.max(s.estimated_charge);
             }
             let mut calls = BTreeMap::new();
@@ -290,20 +310,41 @@ fn observed(f: &tollguard_core::rules::Finding) -> Obs {
     let calls = if matches!(f.rule, Rule::SpendCap) {
         BTreeMap::new()
     } else {
-        f.evidence.calls.iter().filter(|(_, v)| **v != 0).map(|(k, v)| (k.clone(), *v)).collect()
+        f.evidence
+            .calls
+            .iter()
+            .filter(|(_, v)| **v != 0)
+            .map(|(k, v)| (k.clone(), *v))
+            .collect()
     };
     Obs {
         rule,
         severity: f.severity,
         calls,
-        total_spend: if matches!(f.rule, Rule::Concurrency) { 0 } else { f.evidence.total_spend },
-        origins: if matches!(f.rule, Rule::SpendCap | Rule::Concurrency) { 0 } else { f.evidence.distinct_origins },
+        total_spend: if matches!(f.rule, Rule::Concurrency) {
+            0
+        } else {
+            f.evidence.total_spend
+        },
+        origins: if matches!(f.rule, Rule::SpendCap | Rule::Concurrency) {
+            0
+        } else {
+            f.evidence.distinct_origins
+        },
         concurrent: f.evidence.concurrent,
     }
 }
 
 fn call_spec() -> impl Strategy<Value = CallSpec> {
-    (0..3usize, 0..3usize, 0..2usize, 0..1800i64, 1..900i64, any::<bool>(), 20..300i64)
+    (
+        0..3usize,
+        0..3usize,
+        0..2usize,
+        0..1800i64,
+        1..900i64,
+        any::<bool>(),
+        20..300i64,
+    )
 }
 
 proptest! {

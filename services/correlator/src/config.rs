@@ -169,13 +169,22 @@ impl CorrelatorConfig {
             return Err(ConfigError::new("group", "must not be empty"));
         }
         if !(1..=100_000).contains(&self.batch_max) {
-            return Err(ConfigError::new("batch_max", "must be between 1 and 100000"));
+            return Err(ConfigError::new(
+                "batch_max",
+                "must be between 1 and 100000",
+            ));
         }
         if self.poll_timeout_ms == 0 || self.poll_timeout_ms > 10_000 {
-            return Err(ConfigError::new("poll_timeout_ms", "must be between 1 and 10000"));
+            return Err(ConfigError::new(
+                "poll_timeout_ms",
+                "must be between 1 and 10000",
+            ));
         }
         if self.hot_list_refresh_s == 0 {
-            return Err(ConfigError::new("hot_list_refresh_s", "must be greater than 0"));
+            return Err(ConfigError::new(
+                "hot_list_refresh_s",
+                "must be greater than 0",
+            ));
         }
         for (k, v) in [
             ("topics.calls", &self.topics.calls),

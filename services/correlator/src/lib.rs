@@ -153,7 +153,10 @@ impl Worker {
         for r in batch {
             match decode_event(&r.payload) {
                 Ok(e) => {
-                    parents.push((e.event_key(), r.header(HEADER_TRACEPARENT).map(<[u8]>::to_vec)));
+                    parents.push((
+                        e.event_key(),
+                        r.header(HEADER_TRACEPARENT).map(<[u8]>::to_vec),
+                    ));
                     events.push(e);
                 }
                 Err(err) => {

@@ -1,6 +1,8 @@
 //! `tollguard-correlator`: joins all carriers' events in Redis windows and
 //! publishes alerts.
 
+#![allow(clippy::print_stdout)] // a command-line program prints its results
+
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -33,7 +35,8 @@ struct Args {
 }
 
 fn read(key: &str, p: &PathBuf) -> Result<String, ConfigError> {
-    std::fs::read_to_string(p).map_err(|e| ConfigError::new(key, format!("cannot read {}: {e}", p.display())))
+    std::fs::read_to_string(p)
+        .map_err(|e| ConfigError::new(key, format!("cannot read {}: {e}", p.display())))
 }
 
 /// Loads rules and policies into a detector.
@@ -98,7 +101,8 @@ async fn run(cfg: CorrelatorConfig, det: Detector) -> anyhow::Result<()> {
     health.set("redis", Some("connecting".into()));
 
     let bus = Arc::new(
-        KafkaBus::new(cfg.kafka.clone()).unwrap_or_else(|e| exit_config(&ConfigError::new("kafka", e))),
+        KafkaBus::new(cfg.kafka.clone())
+            .unwrap_or_else(|e| exit_config(&ConfigError::new("kafka", e))),
     );
     // Connect to Redis, retrying until it answers or we are told to stop.
     let store: Arc<dyn WindowStore> = loop {
@@ -119,7 +123,8 @@ async fn run(cfg: CorrelatorConfig, det: Detector) -> anyhow::Result<()> {
         alerts: cfg.topics.alerts.clone(),
         dlq: cfg.topics.dlq.clone(),
     };
-    let sub = tollguard_core::bus::EventBus::subscribe(&*bus, &[topics.calls.as_str()], &cfg.group).await?;
+    let sub = tollguard_core::bus::EventBus::subscribe(&*bus, &[topics.calls.as_str()], &cfg.group)
+        .await?;
     let engine = Engine::new(store.clone(), det);
     let mut worker = Worker::new(engine, bus.clone(), sub, topics, Some(metrics));
     let timeout = Duration::from_millis(cfg.poll_timeout_ms);
@@ -129,7 +134,10 @@ async fn run(cfg: CorrelatorConfig, det: Detector) -> anyhow::Result<()> {
     while !stop.is_cancelled() {
         if last_hot.elapsed() >= Duration::from_secs(cfg.hot_list_refresh_s) {
             match store.set_members("hot").await {
-                Ok(m) => worker.engine_mut().detector_mut().set_hot_list(HotList::new(m)),
+                Ok(m) => worker
+                    .engine_mut()
+                    .detector_mut()
+                    .set_hot_list(HotList::new(m)),
                 Err(e) => tracing::warn!(error = %e, "hot list refresh failed"),
             }
             last_hot = Instant::now();

@@ -41,7 +41,11 @@ impl Metrics {
             alerts: Family::default(),
             store_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
         };
-        reg.register("correlator_events", "Call events processed", m.events.clone());
+        reg.register(
+            "correlator_events",
+            "Call events processed",
+            m.events.clone(),
+        );
         reg.register(
             "correlator_dead_letters",
             "Records sent to the DLQ",

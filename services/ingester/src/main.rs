@@ -1,19 +1,21 @@
 //! `tollguard-ingester`: one carrier's gRPC ingest endpoint.
 
+#![allow(clippy::print_stdout)] // a command-line program prints its results
+
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
 use tokio_stream::wrappers::TcpListenerStream;
+use tollguard_core::ConfigError;
 use tollguard_core::ingest::{Ingestor, ReferenceData};
 use tollguard_core::pseudo::{Key, Pseudonymizer};
 use tollguard_core::tables::{RateDeck, RiskTable};
-use tollguard_core::ConfigError;
+use tollguard_ingester::IngestCore;
 use tollguard_ingester::config::IngesterConfig;
 use tollguard_ingester::metrics::Metrics;
 use tollguard_ingester::service::IngestService;
-use tollguard_ingester::IngestCore;
 use tollguard_proto::v1::ingest_server::IngestServer;
 use tollguard_runtime::config::{exit_config, load, read_secret};
 use tollguard_runtime::health::{self, Health};
@@ -34,7 +36,8 @@ struct Args {
 }
 
 fn read(key: &str, p: &PathBuf) -> Result<String, ConfigError> {
-    std::fs::read_to_string(p).map_err(|e| ConfigError::new(key, format!("cannot read {}: {e}", p.display())))
+    std::fs::read_to_string(p)
+        .map_err(|e| ConfigError::new(key, format!("cannot read {}: {e}", p.display())))
 }
 
 fn build(cfg: &IngesterConfig) -> Result<Ingestor, ConfigError> {
@@ -48,10 +51,12 @@ fn build(cfg: &IngesterConfig) -> Result<Ingestor, ConfigError> {
     let key = Key::from_text(&p.key_id, &secret)?;
     let mut refdata = ReferenceData::default();
     if let Some(f) = &cfg.reference.risk_table {
-        refdata.risk = RiskTable::parse(&f.display().to_string(), &read("reference.risk_table", f)?)?;
+        refdata.risk =
+            RiskTable::parse(&f.display().to_string(), &read("reference.risk_table", f)?)?;
     }
     if let Some(f) = &cfg.reference.rate_deck {
-        refdata.rates = RateDeck::parse(&f.display().to_string(), &read("reference.rate_deck", f)?)?;
+        refdata.rates =
+            RateDeck::parse(&f.display().to_string(), &read("reference.rate_deck", f)?)?;
     }
     Ingestor::new(
         &cfg.provider_id,
@@ -68,7 +73,10 @@ fn main() {
     let cfg: IngesterConfig = load(args.config.as_deref()).unwrap_or_else(|e| exit_config(&e));
     let ingestor = build(&cfg).unwrap_or_else(|e| exit_config(&e));
     if args.check_config {
-        println!("configuration ok: ingester for provider {}", cfg.provider_id);
+        println!(
+            "configuration ok: ingester for provider {}",
+            cfg.provider_id
+        );
         return;
     }
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -85,9 +93,10 @@ async fn run(cfg: IngesterConfig, ingestor: Ingestor) -> anyhow::Result<()> {
     let stop = shutdown::on_signal();
     let health = Health::new("tollguard");
     let metrics = health.with_registry(Metrics::register);
-    let bus = Arc::new(KafkaBus::new(cfg.kafka.clone()).unwrap_or_else(|e| {
-        exit_config(&ConfigError::new("kafka", e))
-    }));
+    let bus = Arc::new(
+        KafkaBus::new(cfg.kafka.clone())
+            .unwrap_or_else(|e| exit_config(&ConfigError::new("kafka", e))),
+    );
     let http = health::serve(cfg.listen.http, health.clone(), stop.clone()).await?;
     tracing::info!(%http, "health and metrics listening");
 

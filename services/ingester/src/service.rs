@@ -5,10 +5,10 @@ use std::time::Instant;
 
 use futures::Stream;
 use tokio_stream::StreamExt;
-use tonic::{Request, Response, Status, Streaming};
 use tollguard_core::error::BusError;
 use tollguard_core::record::RawRecord;
 use tollguard_proto::v1 as pb;
+use tonic::{Request, Response, Status, Streaming};
 
 use crate::metrics::Metrics;
 use crate::{IngestCore, PublishError};
@@ -22,7 +22,11 @@ pub struct IngestService {
 }
 
 fn opt(s: &str) -> Option<String> {
-    if s.is_empty() { None } else { Some(s.to_string()) }
+    if s.is_empty() {
+        None
+    } else {
+        Some(s.to_string())
+    }
 }
 
 /// Converts a gRPC record to the raw record (empty string = absent).
@@ -84,11 +88,16 @@ impl IngestService {
         }
     }
 
-    async fn handle(&self, req: pb::PublishRequest, traceparent: Option<&str>) -> Result<pb::PublishAck, Status> {
+    async fn handle(
+        &self,
+        req: pb::PublishRequest,
+        traceparent: Option<&str>,
+    ) -> Result<pb::PublishAck, Status> {
         let started = Instant::now();
         let provider = self.core.provider_id().to_string();
         if req.records.len() > self.max_batch {
-            self.metrics.count(&provider, "rejected", req.records.len() as u64);
+            self.metrics
+                .count(&provider, "rejected", req.records.len() as u64);
             return Err(Status::invalid_argument(format!(
                 "records: batch {} has {} records; at most {} are allowed per batch",
                 req.batch_id,
@@ -99,8 +108,10 @@ impl IngestService {
         let raws: Vec<RawRecord> = req.records.iter().map(raw_from_proto).collect();
         match self.core.publish(&raws, now_ms(), traceparent).await {
             Ok(out) => {
-                self.metrics.count(&provider, "accepted", out.accepted as u64);
-                self.metrics.count(&provider, "rejected", out.rejected.len() as u64);
+                self.metrics
+                    .count(&provider, "accepted", out.accepted as u64);
+                self.metrics
+                    .count(&provider, "rejected", out.rejected.len() as u64);
                 self.metrics
                     .batch_seconds
                     .observe(started.elapsed().as_secs_f64());
@@ -130,7 +141,8 @@ impl IngestService {
                 )))
             }
             Err(PublishError::Bus(BusError::Backpressure { retry_after_ms })) => {
-                self.metrics.count(&provider, "backpressure", raws.len() as u64);
+                self.metrics
+                    .count(&provider, "backpressure", raws.len() as u64);
                 let mut st = Status::resource_exhausted(format!(
                     "ingest queue full; batch {} was not acknowledged, resend it after {retry_after_ms} ms (resending is safe)",
                     req.batch_id

@@ -69,7 +69,11 @@ impl Notifier {
     }
 
     /// Consumes up to `max` alerts, logs new ones, commits, and returns them.
-    pub async fn step(&mut self, max: usize, timeout: Duration) -> Result<Vec<pb::Alert>, BusError> {
+    pub async fn step(
+        &mut self,
+        max: usize,
+        timeout: Duration,
+    ) -> Result<Vec<pb::Alert>, BusError> {
         let batch = self.sub.poll(max, timeout).await?;
         let mut out = Vec::new();
         for r in &batch {

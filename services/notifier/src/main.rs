@@ -1,5 +1,7 @@
 //! `tollguard-notifier`: consumes alerts and notifies everyone who must act.
 
+#![allow(clippy::print_stdout)] // a command-line program prints its results
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -40,7 +42,9 @@ fn default_http() -> SocketAddr {
 
 impl Default for Listen {
     fn default() -> Self {
-        Self { http: default_http() }
+        Self {
+            http: default_http(),
+        }
     }
 }
 
@@ -102,9 +106,12 @@ async fn run(cfg: NotifierConfig) -> anyhow::Result<()> {
     let http = health::serve(cfg.listen.http, health.clone(), stop.clone()).await?;
     tracing::info!(%http, "health and metrics listening");
     let bus = Arc::new(
-        KafkaBus::new(cfg.kafka.clone()).unwrap_or_else(|e| exit_config(&ConfigError::new("kafka", e))),
+        KafkaBus::new(cfg.kafka.clone())
+            .unwrap_or_else(|e| exit_config(&ConfigError::new("kafka", e))),
     );
-    let sub = bus.subscribe(&[cfg.alerts_topic.as_str()], &cfg.group).await?;
+    let sub = bus
+        .subscribe(&[cfg.alerts_topic.as_str()], &cfg.group)
+        .await?;
     let mut notifier = Notifier::new(sub);
     tracing::info!(group = %cfg.group, topic = %cfg.alerts_topic, "notifier consuming");
     while !stop.is_cancelled() {

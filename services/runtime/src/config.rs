@@ -19,7 +19,9 @@ pub const ENV_PREFIX: &str = "TOLLGUARD__";
 fn parse_value(raw: &str) -> toml::Value {
     let doc = format!("v = {raw}");
     match toml::from_str::<toml::Table>(&doc) {
-        Ok(mut t) => t.remove("v").unwrap_or_else(|| toml::Value::String(raw.into())),
+        Ok(mut t) => t
+            .remove("v")
+            .unwrap_or_else(|| toml::Value::String(raw.into())),
         Err(_) => toml::Value::String(raw.to_string()),
     }
 }
@@ -74,8 +76,7 @@ pub fn load_with_env<T: DeserializeOwned>(
         Some(p) => {
             let text = std::fs::read_to_string(p)
                 .map_err(|e| ConfigError::new("--config", format!("cannot read {name}: {e}")))?;
-            toml::from_str::<toml::Table>(&text)
-                .map_err(|e| ConfigError::from_toml(&name, &e))?
+            toml::from_str::<toml::Table>(&text).map_err(|e| ConfigError::from_toml(&name, &e))?
         }
         None => toml::Table::new(),
     };

@@ -1212,7 +1212,6 @@ impl KafkaSubscription {
             .await
             .map_err(|e| unavailable("kafka consumer task", e))?
     }
-
 }
 
 fn commit_sync(consumer: &BaseConsumer<ConsumerCtx>) -> Result<(), BusError> {

@@ -16,7 +16,11 @@ pub fn init(service: &str) {
     let res = if text {
         builder.try_init()
     } else {
-        builder.json().flatten_event(true).with_current_span(false).try_init()
+        builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .try_init()
     };
     if res.is_ok() {
         tracing::info!(service, version = env!("CARGO_PKG_VERSION"), "starting");

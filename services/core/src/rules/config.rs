@@ -325,11 +325,16 @@ impl RulesConfig {
                 "must be >= warning_calls",
             ));
         }
-        let burst_critical_spend =
-            eur("multi_carrier_burst.critical_spend_eur", &b.critical_spend_eur)?;
+        let burst_critical_spend = eur(
+            "multi_carrier_burst.critical_spend_eur",
+            &b.critical_spend_eur,
+        )?;
         let d = &self.destination_convergence;
         positive("destination_convergence.window_s", d.window_s)?;
-        positive_i("destination_convergence.warning_customers", d.warning_customers)?;
+        positive_i(
+            "destination_convergence.warning_customers",
+            d.warning_customers,
+        )?;
         if d.min_carriers < 1 {
             return Err(ConfigError::new(
                 "destination_convergence.min_carriers",
@@ -423,7 +428,11 @@ impl Policies {
     }
 
     /// Resolves parsed entries.
-    pub fn resolve(f: &PolicyFile, key: Option<&Key>, defaults: &Policy) -> Result<Self, ConfigError> {
+    pub fn resolve(
+        f: &PolicyFile,
+        key: Option<&Key>,
+        defaults: &Policy,
+    ) -> Result<Self, ConfigError> {
         let mut by_token = HashMap::new();
         for (i, p) in f.policy.iter().enumerate() {
             let k = |f: &str| format!("policy[{i}].{f}");
@@ -514,8 +523,8 @@ mod tests {
         assert!(e.key.contains("daily_cap"), "{e}");
         let e = RulesConfig::parse("rules.toml", "[spend_cap]\nwarning_ratio = 1.5\n").unwrap_err();
         assert_eq!(e.key, "spend_cap.warning_ratio");
-        let e = RulesConfig::parse("rules.toml", "[spend_cap]\ndaily_cap_eur = \"-5\"\n")
-            .unwrap_err();
+        let e =
+            RulesConfig::parse("rules.toml", "[spend_cap]\ndaily_cap_eur = \"-5\"\n").unwrap_err();
         assert_eq!(e.key, "spend_cap.daily_cap_eur");
         let e = RulesConfig::parse("rules.toml", "[multi_carrier_burst]\nmin_carriers = 1\n")
             .unwrap_err();
@@ -536,8 +545,18 @@ mod tests {
         let text = "[[policy]]\ncustomer_id = \"kvk:1\"\nchannels = 4\n[[policy]]\ncustomer_id = \"kvk:1\"\nchannels = 5\n";
         let e = Policies::parse("p.toml", text, Some(&key), &d).unwrap_err();
         assert_eq!(e.key, "policy[1].customer_id");
-        let ok = Policies::parse("p.toml", "[[policy]]\ncustomer_id = \"kvk:1\"\n", Some(&key), &d)
-            .unwrap();
-        assert_eq!(ok.get(&key.token(Kind::Customer, "kvk:1")).unwrap().channels, 1);
+        let ok = Policies::parse(
+            "p.toml",
+            "[[policy]]\ncustomer_id = \"kvk:1\"\n",
+            Some(&key),
+            &d,
+        )
+        .unwrap();
+        assert_eq!(
+            ok.get(&key.token(Kind::Customer, "kvk:1"))
+                .unwrap()
+                .channels,
+            1
+        );
     }
 }

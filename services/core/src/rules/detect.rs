@@ -202,7 +202,10 @@ fn bucket(t: Millis, width: i64) -> i64 {
 /// Formats a range as "+670 77" using its country code.
 pub fn pretty_range(range: &str, cc: u16) -> String {
     let ccs = cc.to_string();
-    match range.strip_prefix('+').and_then(|r| r.strip_prefix(ccs.as_str())) {
+    match range
+        .strip_prefix('+')
+        .and_then(|r| r.strip_prefix(ccs.as_str()))
+    {
         Some(rest) if !rest.is_empty() && cc != 0 => format!("+{ccs} {rest}"),
         _ => range.to_string(),
     }
@@ -217,12 +220,19 @@ fn carriers_list(m: &BTreeMap<String, i64>) -> String {
 }
 
 fn active(m: &BTreeMap<String, i64>) -> Vec<String> {
-    m.iter().filter(|(_, v)| **v > 0).map(|(k, _)| k.clone()).collect()
+    m.iter()
+        .filter(|(_, v)| **v > 0)
+        .map(|(k, _)| k.clone())
+        .collect()
 }
 
 impl Detector {
     /// Builds a detector. The config must have been validated.
-    pub fn new(cfg: RulesConfig, policies: Policies, hot: HotList) -> Result<Self, crate::error::ConfigError> {
+    pub fn new(
+        cfg: RulesConfig,
+        policies: Policies,
+        hot: HotList,
+    ) -> Result<Self, crate::error::ConfigError> {
         let th = cfg.validate()?;
         let default_policy = Policy {
             daily_cap: th.daily_cap,
@@ -538,16 +548,25 @@ impl Detector {
                     f.evidence.total_spend = g.total;
                     f.evidence.window = (now - win, now);
                     f.evidence.ranges = vec![remote.range.clone()];
-                    f.evidence.thresholds.insert("daily_cap_eur".into(), format_amount(policy.daily_cap));
-                    f.evidence.thresholds.insert("hourly_cap_eur".into(), format_amount(policy.hourly_cap));
-                    f.evidence.thresholds.insert("warning_ratio".into(), ratio.to_string());
+                    f.evidence
+                        .thresholds
+                        .insert("daily_cap_eur".into(), format_amount(policy.daily_cap));
+                    f.evidence
+                        .thresholds
+                        .insert("hourly_cap_eur".into(), format_amount(policy.hourly_cap));
+                    f.evidence
+                        .thresholds
+                        .insert("warning_ratio".into(), ratio.to_string());
                     f.providers = active(&g.by);
                     f.magnitude = g.total;
                     f.summary = format!(
                         "Customer {who} spent an estimated {} in the last {span} across {} carrier(s) ({}); its cap is {}.",
                         format_eur(g.total),
                         f.providers.len(),
-                        g.by.iter().map(|(k, v)| format!("{k} {}", format_eur(*v))).collect::<Vec<_>>().join(", "),
+                        g.by.iter()
+                            .map(|(k, v)| format!("{k} {}", format_eur(*v)))
+                            .collect::<Vec<_>>()
+                            .join(", "),
                         format_eur(cap)
                     );
                     f.action = format!(
@@ -572,7 +591,12 @@ impl Detector {
                     } else {
                         Severity::Warning
                     };
-                    let mut f = base(Rule::MultiCarrierBurst, sev, cust_scope.clone(), "multi_carrier_burst".into());
+                    let mut f = base(
+                        Rule::MultiCarrierBurst,
+                        sev,
+                        cust_scope.clone(),
+                        "multi_carrier_burst".into(),
+                    );
                     f.subject = FindingSubject {
                         customer: Some(e.subject().clone()),
                         range: Some(remote.range.clone()),
@@ -592,7 +616,10 @@ impl Detector {
                     t.insert("min_carriers".into(), b.min_carriers.to_string());
                     t.insert("warning_calls".into(), b.warning_calls.to_string());
                     t.insert("critical_calls".into(), b.critical_calls.to_string());
-                    t.insert("critical_spend_eur".into(), format_amount(self.th.burst_critical_spend));
+                    t.insert(
+                        "critical_spend_eur".into(),
+                        format_amount(self.th.burst_critical_spend),
+                    );
                     t.insert("min_risk_tier".into(), b.min_risk_tier.as_str().into());
                     f.providers = carriers.clone();
                     f.magnitude = calls.total;
@@ -625,14 +652,23 @@ impl Detector {
                     } else {
                         Severity::Warning
                     };
-                    let mut f = base(Rule::Concurrency, sev, cust_scope.clone(), "concurrency".into());
+                    let mut f = base(
+                        Rule::Concurrency,
+                        sev,
+                        cust_scope.clone(),
+                        "concurrency".into(),
+                    );
                     f.subject = cust_subject.clone();
                     f.evidence.calls = ov.by.clone();
                     f.evidence.concurrent = ov.total;
                     f.evidence.total_calls = ov.total;
                     f.evidence.window = (now, now);
-                    f.evidence.thresholds.insert("channels".into(), policy.channels.to_string());
-                    f.evidence.thresholds.insert("critical_factor".into(), c.critical_factor.to_string());
+                    f.evidence
+                        .thresholds
+                        .insert("channels".into(), policy.channels.to_string());
+                    f.evidence
+                        .thresholds
+                        .insert("critical_factor".into(), c.critical_factor.to_string());
                     f.providers = active(&ov.by);
                     f.magnitude = ov.total;
                     f.summary = format!(
@@ -688,7 +724,10 @@ impl Detector {
                 let t = &mut f.evidence.thresholds;
                 t.insert("window_s".into(), d.window_s.to_string());
                 t.insert("warning_customers".into(), d.warning_customers.to_string());
-                t.insert("critical_customers".into(), d.critical_customers.to_string());
+                t.insert(
+                    "critical_customers".into(),
+                    d.critical_customers.to_string(),
+                );
                 t.insert("min_carriers".into(), d.min_carriers.to_string());
                 f.providers = carriers.clone();
                 f.magnitude = cust.total;
@@ -742,7 +781,9 @@ impl Detector {
                 f.evidence.total_spend = e.estimated_charge;
                 f.evidence.window = (e.start_time, now);
                 f.evidence.ranges = vec![remote.range.clone()];
-                f.evidence.thresholds.insert("hot_list_entry".into(), what.into());
+                f.evidence
+                    .thresholds
+                    .insert("hot_list_entry".into(), what.into());
                 f.providers = vec![e.provider_id.clone()];
                 f.magnitude = 1;
                 f.summary = format!(

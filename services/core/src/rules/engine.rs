@@ -201,9 +201,16 @@ impl Engine {
 
     /// Processes a batch of events (in order). `wall` is the wall clock in
     /// millis, used only for `published_at` and claim ages.
-    pub async fn process(&self, events: &[CallEvent], wall: Millis) -> Result<Processed, StoreError> {
+    pub async fn process(
+        &self,
+        events: &[CallEvent],
+        wall: Millis,
+    ) -> Result<Processed, StoreError> {
         let plans: Vec<_> = events.iter().map(|e| self.detector.plan(e)).collect();
-        let updates: Vec<_> = plans.iter().flat_map(|p| p.updates.iter().cloned()).collect();
+        let updates: Vec<_> = plans
+            .iter()
+            .flat_map(|p| p.updates.iter().cloned())
+            .collect();
         let outcomes = self.store.apply(&updates).await?;
         let mut findings = Vec::new();
         let mut duplicates = 0;
@@ -222,7 +229,11 @@ impl Engine {
         Ok(out)
     }
 
-    async fn incidents(&self, findings: Vec<Finding>, wall: Millis) -> Result<Processed, StoreError> {
+    async fn incidents(
+        &self,
+        findings: Vec<Finding>,
+        wall: Millis,
+    ) -> Result<Processed, StoreError> {
         let mut out = Processed::default();
         if findings.is_empty() {
             return Ok(out);
