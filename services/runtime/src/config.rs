@@ -94,7 +94,9 @@ pub fn from_table<T: DeserializeOwned>(name: &str, table: toml::Table) -> Result
         // Unknown fields are reported by the parent path; name the field.
         let key = match inner.split('`').nth(1) {
             Some(f) if inner.starts_with("unknown field") => {
-                if path == "." {
+                if path == "." || path == f || path.ends_with(&format!(".{f}")) {
+                    if path == "." { f.to_string() } else { path }
+                } else if path == "." {
                     f.to_string()
                 } else {
                     format!("{path}.{f}")
