@@ -3,7 +3,11 @@
 //! The `.proto` files in `proto/tollguard/v1/` are the partner-facing source
 //! of truth; this crate compiles them with tonic/prost.
 
-#![allow(missing_docs, clippy::large_enum_variant, missing_debug_implementations)]
+#![allow(
+    missing_docs,
+    clippy::large_enum_variant,
+    missing_debug_implementations
+)]
 
 /// Package `tollguard.v1`.
 pub mod v1 {
