@@ -99,12 +99,13 @@ impl Embedded {
     /// Builds the pipeline.
     pub async fn new(cfg: EmbeddedConfig) -> Result<Self, ConfigError> {
         let bus = MemoryBus::new();
-        let store = Arc::new(MemoryStore::new("tg:"));
+        let store = Arc::new(MemoryStore::with_event_clock("tg:"));
         let th = cfg.rules.validate()?;
         let default_policy = tollguard_core::rules::Policy {
             daily_cap: th.daily_cap,
             hourly_cap: th.hourly_cap,
             channels: cfg.rules.concurrency.default_channels,
+            ..Default::default()
         };
         let policies = match &cfg.policies {
             Some((name, text)) => Policies::parse(name, text, Some(&cfg.key), &default_policy)?,
@@ -166,6 +167,10 @@ impl Embedded {
                 j += 1;
             }
             let chunk: Vec<RawRecord> = records[i..j].iter().map(|(_, r)| r.clone()).collect();
+            // The store's TTL clock follows event time (see MemoryStore::with_event_clock).
+            if let Some(t) = chunk.iter().map(crate::input::phase_time).max() {
+                self.store.advance_clock(t);
+            }
             let positions: Vec<u64> = records[i..j].iter().map(|(p, _)| *p).collect();
             match self.ingester(&provider) {
                 Err(e) => {

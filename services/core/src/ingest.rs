@@ -2,11 +2,12 @@
 //! classification, charge estimation and pseudonymisation. Pure; the
 //! ingester service and the embedded pipeline both call [`Ingestor::ingest`].
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 use crate::error::{ConfigError, FieldError};
-use crate::model::{CallEvent, Direction, Millis};
-use crate::number::{DialPlan, Normalizer};
+use crate::model::{CallEvent, Direction, Millis, NumberInfo};
+use crate::number::{DialPlan, Normalized, Normalizer, classify};
 use crate::pseudo::{Kind, Pseudonymizer};
 use crate::record::{Limits, RawRecord, validate};
 use crate::tables::{FxTable, RateDeck, RiskTable};
@@ -32,6 +33,9 @@ impl Default for ReferenceData {
     }
 }
 
+/// Entries kept in the classification cache before it is cleared.
+const CLASSIFY_CACHE: usize = 200_000;
+
 /// One carrier's ingest pipeline.
 #[derive(Debug, Clone)]
 pub struct Ingestor {
@@ -40,6 +44,10 @@ pub struct Ingestor {
     pseudo: Pseudonymizer,
     refdata: Arc<ReferenceData>,
     limits: Limits,
+    range_digits: usize,
+    /// libphonenumber classification is the costliest step of ingest and
+    /// numbers repeat a lot (the same lines, the same destinations).
+    cache: Arc<Mutex<HashMap<String, NumberInfo>>>,
 }
 
 impl Ingestor {
@@ -58,7 +66,26 @@ impl Ingestor {
             pseudo,
             refdata,
             limits: Limits::default(),
+            range_digits,
+            cache: Arc::new(Mutex::new(HashMap::new())),
         })
+    }
+
+    fn normalize(&self, field: &str, raw: &str) -> Result<Normalized, crate::FieldError> {
+        let e164 = self.normalizer.to_e164(field, raw)?;
+        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        let info = match cache.get(&e164) {
+            Some(i) => i.clone(),
+            None => {
+                let i = classify(&e164, self.range_digits, &self.refdata.risk);
+                if cache.len() >= CLASSIFY_CACHE {
+                    cache.clear();
+                }
+                cache.insert(e164.clone(), i.clone());
+                i
+            }
+        };
+        Ok(Normalized { e164, info })
     }
 
     /// The carrier this ingestor serves.
@@ -71,9 +98,8 @@ impl Ingestor {
     pub fn ingest(&self, raw: &RawRecord, now: Millis) -> Result<CallEvent, FieldError> {
         let fx = &self.refdata.fx;
         let v = validate(raw, &self.provider_id, now, &self.limits, |c| fx.knows(c))?;
-        let risk = &self.refdata.risk;
-        let caller = self.normalizer.normalize("caller", &v.caller, risk)?;
-        let callee = self.normalizer.normalize("callee", &v.callee, risk)?;
+        let caller = self.normalize("caller", &v.caller)?;
+        let callee = self.normalize("callee", &v.callee)?;
         let (remote, _) = match v.direction {
             Direction::Outbound => (&callee, &caller),
             Direction::Inbound => (&caller, &callee),

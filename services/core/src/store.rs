@@ -16,7 +16,6 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 
@@ -87,6 +86,8 @@ pub enum Op {
         group: String,
         /// Amount.
         delta: Val,
+        /// Only if the integer result of this earlier op is non-zero.
+        when: Option<usize>,
     },
     /// Read. Sum of buckets `from..=to` of `key`, in total and per group;
     /// deletes buckets older than `prune_before`.
@@ -122,6 +123,18 @@ pub enum Op {
         since: i64,
         /// Members older than this are deleted.
         prune_before: i64,
+    },
+    /// Read. 1 if member (`group`, `id`) of `key` was seen at or after
+    /// `since`, else 0 (a membership test against [`Op::Mark`]ed members).
+    Has {
+        /// Key name.
+        key: String,
+        /// Group of the member.
+        group: String,
+        /// Member id.
+        id: String,
+        /// Earliest time that counts.
+        since: i64,
     },
     /// Write. Records the interval of call `id` (of `group`): the union of
     /// all observations (earliest start, latest end); `closed` once the call
@@ -181,7 +194,7 @@ pub struct Groups {
 pub enum OpResult {
     /// A write with no value.
     None,
-    /// An integer (CallMax).
+    /// An integer (CallMax, Has).
     Int(i64),
     /// A grouped read.
     Groups(Groups),
@@ -274,14 +287,29 @@ enum Value {
 #[derive(Debug, Default)]
 struct Inner {
     data: HashMap<String, Value>,
-    expiry: HashMap<String, Instant>,
+    /// Expiry deadlines, milliseconds on the store's clock.
+    expiry: HashMap<String, i64>,
+    /// Logical clock (event time) when set; wall clock otherwise.
+    clock: Option<i64>,
     ops_since_sweep: usize,
 }
 
+fn wall_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
 impl Inner {
+    fn now(&self) -> i64 {
+        self.clock.unwrap_or_else(wall_ms)
+    }
+
     fn alive(&mut self, key: &str) -> bool {
+        let now = self.now();
         match self.expiry.get(key) {
-            Some(t) if *t <= Instant::now() => {
+            Some(t) if *t <= now => {
                 self.expiry.remove(key);
                 self.data.remove(key);
                 false
@@ -291,10 +319,8 @@ impl Inner {
     }
 
     fn touch(&mut self, key: &str, ttl_ms: i64) {
-        self.expiry.insert(
-            key.to_string(),
-            Instant::now() + Duration::from_millis(ttl_ms.max(1) as u64),
-        );
+        let deadline = self.now() + ttl_ms.max(1);
+        self.expiry.insert(key.to_string(), deadline);
     }
 
     fn sweep(&mut self) {
@@ -303,7 +329,7 @@ impl Inner {
             return;
         }
         self.ops_since_sweep = 0;
-        let now = Instant::now();
+        let now = self.now();
         let dead: Vec<String> = self
             .expiry
             .iter()
@@ -417,12 +443,14 @@ impl Inner {
                 bucket,
                 group,
                 delta,
+                when,
             } => {
                 let d = match delta {
                     Val::Const(v) => *v,
                     Val::Ref(i) => prev.get(*i).map(OpResult::int).unwrap_or(0),
                 };
-                if d != 0 {
+                let enabled = when.is_none_or(|w| prev.get(w).map(OpResult::int).unwrap_or(0) != 0);
+                if d != 0 && enabled {
                     let key = k(key);
                     *self
                         .hash(&key)
@@ -491,6 +519,22 @@ impl Inner {
                 g.total = ids.len() as i64;
                 OpResult::Groups(g)
             }
+            Op::Has {
+                key,
+                group,
+                id,
+                since,
+            } => {
+                let key = k(key);
+                if !self.alive(&key) {
+                    return OpResult::Int(0);
+                }
+                let z = self.zset(&key);
+                let hit = z
+                    .get(&format!("{group}|{id}"))
+                    .is_some_and(|ts| *ts >= *since);
+                OpResult::Int(hit as i64)
+            }
             Op::Span {
                 key,
                 id,
@@ -558,6 +602,24 @@ impl MemoryStore {
         Self {
             prefix: prefix.to_string(),
             inner: Mutex::new(Inner::default()),
+        }
+    }
+
+    /// A store whose TTLs run on a logical clock (event time) advanced with
+    /// [`MemoryStore::advance_clock`]: replaying days of history in minutes
+    /// then keeps memory bounded exactly as Redis TTLs do in real time.
+    pub fn with_event_clock(prefix: &str) -> Self {
+        let s = Self::new(prefix);
+        s.lock().clock = Some(0);
+        s
+    }
+
+    /// Moves the logical clock forward to `t` (never backwards); no effect
+    /// on a wall-clock store.
+    pub fn advance_clock(&self, t: i64) {
+        let mut g = self.lock();
+        if let Some(c) = g.clock.as_mut() {
+            *c = (*c).max(t);
         }
     }
 

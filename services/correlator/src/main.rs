@@ -59,6 +59,7 @@ fn detector(cfg: &CorrelatorConfig) -> Result<Detector, ConfigError> {
         daily_cap: th.daily_cap,
         hourly_cap: th.hourly_cap,
         channels: rules.concurrency.default_channels,
+        ..Default::default()
     };
     let policies = match &cfg.policies_file {
         Some(p) => Policies::parse(

@@ -54,14 +54,15 @@ for op = 1, tonumber(ARGV[2]) do
     end
     ints[op] = r
     i = i + 5
-  elseif code == 'A' then -- Add: bucket, group, kind(c|r), value
+  elseif code == 'A' then -- Add: bucket, group, kind(c|r), value, when(-|index)
     local d = tonumber(ARGV[i + 5])
     if ARGV[i + 4] == 'r' then d = ints[d + 1] or 0 end
-    if not dup and d ~= 0 then
+    local enabled = ARGV[i + 6] == '-' or (ints[tonumber(ARGV[i + 6]) + 1] or 0) ~= 0
+    if not dup and d ~= 0 and enabled then
       redis.call('HINCRBY', k, ARGV[i + 2] .. '|' .. ARGV[i + 3], d)
       redis.call('PEXPIRE', k, ttl)
     end
-    i = i + 6
+    i = i + 7
   elseif code == 'S' then -- Sum: from, to, prune_before
     local from, to, pb = tonumber(ARGV[i + 2]), tonumber(ARGV[i + 3]), tonumber(ARGV[i + 4])
     local total, by, order = 0, {}, {}
@@ -104,6 +105,11 @@ for op = 1, tonumber(ARGV[2]) do
     end
     r = grouped(n, by, order)
     i = i + 4
+  elseif code == 'H' then -- Has: group, id, since
+    local sc = redis.call('ZSCORE', k, ARGV[i + 2] .. '|' .. ARGV[i + 3])
+    if sc and tonumber(sc) >= tonumber(ARGV[i + 4]) then r = 1 end
+    ints[op] = r
+    i = i + 5
   elseif code == 'P' then -- Span: id, group, start, end, closed
     if not dup then
       local st, en, cl, g = tonumber(ARGV[i + 4]), tonumber(ARGV[i + 5]), ARGV[i + 6], ARGV[i + 3]
@@ -293,6 +299,7 @@ impl RedisStore {
                     bucket,
                     group,
                     delta,
+                    when,
                 } => {
                     let (kind, v) = match delta {
                         Val::Const(c) => ("c", *c),
@@ -305,6 +312,7 @@ impl RedisStore {
                         group.clone(),
                         kind.into(),
                         v.to_string(),
+                        when.map_or_else(|| "-".to_string(), |w| w.to_string()),
                     ]);
                 }
                 Op::Sum {
@@ -340,6 +348,20 @@ impl RedisStore {
                         key_of(key, &mut keys),
                         since.to_string(),
                         prune_before.to_string(),
+                    ]);
+                }
+                Op::Has {
+                    key,
+                    group,
+                    id,
+                    since,
+                } => {
+                    args.extend([
+                        "H".into(),
+                        key_of(key, &mut keys),
+                        group.clone(),
+                        id.clone(),
+                        since.to_string(),
                     ]);
                 }
                 Op::Span {
@@ -398,7 +420,7 @@ impl RedisStore {
             .iter()
             .zip(&items[1..])
             .map(|(op, v)| match op {
-                Op::CallMax { .. } => int(v).map(OpResult::Int),
+                Op::CallMax { .. } | Op::Has { .. } => int(v).map(OpResult::Int),
                 Op::Sum { .. } | Op::Distinct { .. } | Op::Overlap { .. } => {
                     groups(v).map(OpResult::Groups)
                 }

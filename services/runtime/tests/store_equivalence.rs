@@ -43,13 +43,15 @@ fn op() -> impl Strategy<Value = Op> {
             prop_oneof![
                 (-5i64..50).prop_map(Val::Const),
                 (0usize..4).prop_map(Val::Ref)
-            ]
+            ],
+            prop::option::of(0usize..4)
         )
-            .prop_map(|(key, bucket, group, delta)| Op::Add {
+            .prop_map(|(key, bucket, group, delta, when)| Op::Add {
                 key,
                 bucket,
                 group,
-                delta
+                delta,
+                when
             }),
         (key.clone(), t.clone(), 0i64..30, 0i64..20).prop_map(|(key, from, len, pb)| Op::Sum {
             key,
@@ -85,6 +87,14 @@ fn op() -> impl Strategy<Value = Op> {
                 end: start + len,
                 closed
             }),
+        (key.clone(), group.clone(), id.clone(), t.clone()).prop_map(|(key, group, id, since)| {
+            Op::Has {
+                key: format!("m{key}"),
+                group,
+                id,
+                since,
+            }
+        }),
         (t.clone(), 0i64..20, 0i64..30).prop_map(|(at, hz, pb)| Op::Overlap {
             key: "sp".into(),
             at,
@@ -151,6 +161,7 @@ async fn every_key_has_a_ttl_and_state_cas_and_sets_behave() {
                 bucket: 10,
                 group: "kpn".into(),
                 delta: Val::Ref(0),
+                when: None,
             },
             Op::Mark {
                 key: "hl".into(),

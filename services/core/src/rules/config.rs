@@ -101,6 +101,10 @@ pub struct MultiCarrierBurst {
     pub critical_calls: i64,
     /// Or estimated high-risk spend in the window for critical, EUR.
     pub critical_spend_eur: String,
+    /// Thresholds are multiplied by this outside the customer's business
+    /// hours (policies with `business_hours`): a PBX dialling East Timor at
+    /// 3 a.m. needs less evidence.
+    pub out_of_hours_factor: f64,
 }
 
 impl Default for MultiCarrierBurst {
@@ -113,6 +117,7 @@ impl Default for MultiCarrierBurst {
             warning_calls: 4,
             critical_calls: 6,
             critical_spend_eur: "40.00".into(),
+            out_of_hours_factor: 0.5,
         }
     }
 }
@@ -197,6 +202,117 @@ impl Default for HotNumber {
     }
 }
 
+/// `sequential_probe`: short calls to many numbers of one 100-number block.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SequentialProbe {
+    /// Rule on/off.
+    pub enabled: bool,
+    /// Window, seconds.
+    pub window_s: u64,
+    /// A call counts as a probe if unanswered or shorter than this, seconds.
+    pub short_call_s: f64,
+    /// Distinct numbers of one block for a warning.
+    pub warning_numbers: i64,
+    /// Distinct numbers of one block for critical.
+    pub critical_numbers: i64,
+}
+
+impl Default for SequentialProbe {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            window_s: 900,
+            short_call_s: 10.0,
+            warning_numbers: 6,
+            critical_numbers: 15,
+        }
+    }
+}
+
+/// `wangiri`: one-ring inbound calls from one foreign range to subscribers
+/// at several carriers, then callbacks.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Wangiri {
+    /// Rule on/off.
+    pub enabled: bool,
+    /// Window of the one-ring wave, seconds.
+    pub window_s: u64,
+    /// An inbound call is a "ring" if unanswered or shorter than this, seconds.
+    pub ring_max_s: f64,
+    /// Ranges at or above this tier are watched.
+    pub min_risk_tier: RiskTier,
+    /// Distinct subscribers rung for a warning.
+    pub min_subscribers: i64,
+    /// Carriers needed.
+    pub min_carriers: usize,
+    /// How long after a ring a call back counts as a callback, seconds.
+    pub callback_window_s: u64,
+    /// Callbacks for critical.
+    pub critical_callbacks: i64,
+}
+
+impl Default for Wangiri {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            window_s: 3600,
+            ring_max_s: 5.0,
+            min_risk_tier: RiskTier::Elevated,
+            min_subscribers: 5,
+            min_carriers: 2,
+            callback_window_s: 86_400,
+            critical_callbacks: 2,
+        }
+    }
+}
+
+/// `long_duration`: calls to high-risk ranges still running past a limit.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LongDuration {
+    /// Rule on/off.
+    pub enabled: bool,
+    /// Ranges at or above this tier are watched.
+    pub min_risk_tier: RiskTier,
+    /// Duration for a warning, seconds.
+    pub warning_s: u64,
+    /// Duration for critical, seconds.
+    pub critical_s: u64,
+}
+
+impl Default for LongDuration {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            min_risk_tier: RiskTier::High,
+            warning_s: 2700,
+            critical_s: 5400,
+        }
+    }
+}
+
+/// `blocked_destination`: calls to ranges a customer's policy blocks (or
+/// outside its allowed ranges).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BlockedDestination {
+    /// Rule on/off.
+    pub enabled: bool,
+    /// Severity of a call to a blocked range.
+    pub severity: Severity,
+}
+
+impl Default for BlockedDestination {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            severity: Severity::Critical,
+        }
+    }
+}
+
 /// Incident lifecycle.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -236,6 +352,14 @@ pub struct RulesConfig {
     pub concurrency: Concurrency,
     /// hot_number.
     pub hot_number: HotNumber,
+    /// sequential_probe.
+    pub sequential_probe: SequentialProbe,
+    /// wangiri.
+    pub wangiri: Wangiri,
+    /// long_duration.
+    pub long_duration: LongDuration,
+    /// blocked_destination (policy violations).
+    pub blocked_destination: BlockedDestination,
     /// Incident lifecycle.
     pub incidents: Incidents,
 }
@@ -356,6 +480,49 @@ impl RulesConfig {
                 "must be a number >= 1",
             ));
         }
+        if !(b.out_of_hours_factor > 0.0 && b.out_of_hours_factor <= 1.0) {
+            return Err(ConfigError::new(
+                "multi_carrier_burst.out_of_hours_factor",
+                "must be in (0, 1]",
+            ));
+        }
+        let p = &self.sequential_probe;
+        positive("sequential_probe.window_s", p.window_s)?;
+        positive_i("sequential_probe.warning_numbers", p.warning_numbers)?;
+        if p.critical_numbers < p.warning_numbers {
+            return Err(ConfigError::new(
+                "sequential_probe.critical_numbers",
+                "must be >= warning_numbers",
+            ));
+        }
+        if !(p.short_call_s >= 0.0 && p.short_call_s.is_finite()) {
+            return Err(ConfigError::new(
+                "sequential_probe.short_call_s",
+                "must be >= 0",
+            ));
+        }
+        let w = &self.wangiri;
+        positive("wangiri.window_s", w.window_s)?;
+        positive("wangiri.callback_window_s", w.callback_window_s)?;
+        positive_i("wangiri.min_subscribers", w.min_subscribers)?;
+        positive_i("wangiri.critical_callbacks", w.critical_callbacks)?;
+        if !(w.ring_max_s >= 0.0 && w.ring_max_s.is_finite()) {
+            return Err(ConfigError::new("wangiri.ring_max_s", "must be >= 0"));
+        }
+        if g.state_ttl_s < w.callback_window_s + g.allowed_lateness_s {
+            return Err(ConfigError::new(
+                "wangiri.callback_window_s",
+                "must not exceed general.state_ttl_s minus allowed lateness",
+            ));
+        }
+        let l = &self.long_duration;
+        positive("long_duration.warning_s", l.warning_s)?;
+        if l.critical_s < l.warning_s {
+            return Err(ConfigError::new(
+                "long_duration.critical_s",
+                "must be >= warning_s",
+            ));
+        }
         let i = &self.incidents;
         if !(i.update_growth >= 0.0 && i.update_growth.is_finite()) {
             return Err(ConfigError::new("incidents.update_growth", "must be >= 0"));
@@ -385,6 +552,20 @@ pub struct PolicyEntry {
     pub hourly_cap_eur: Option<String>,
     /// Channel count (simultaneous calls).
     pub channels: Option<i64>,
+    /// Ranges (E.164 prefixes like "+670") the customer never calls: any
+    /// call to them raises a `blocked_destination` incident.
+    #[serde(default)]
+    pub blocked_ranges: Vec<String>,
+    /// If set, international calls outside these prefixes (and outside the
+    /// customer's own country code) raise a `blocked_destination` incident.
+    #[serde(default)]
+    pub allowed_ranges: Vec<String>,
+    /// Business hours, local time, e.g. "08:00-18:00".
+    pub business_hours: Option<String>,
+    /// Business days, e.g. "mon-fri" or "mon-sat".
+    pub business_days: Option<String>,
+    /// IANA time zone of the business hours (default Europe/Amsterdam).
+    pub time_zone: Option<String>,
     /// Free-text label shown to operators (never sent to other carriers).
     pub label: Option<String>,
 }
@@ -398,8 +579,36 @@ pub struct PolicyFile {
     pub policy: Vec<PolicyEntry>,
 }
 
-/// A resolved policy.
+/// Business hours of a customer.
 #[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BusinessHours {
+    /// Opening, minutes after local midnight.
+    pub open_min: u32,
+    /// Closing, minutes after local midnight.
+    pub close_min: u32,
+    /// Days 0 = Monday … 6 = Sunday.
+    pub days: Vec<u32>,
+    /// Time zone.
+    pub tz: chrono_tz::Tz,
+}
+
+impl BusinessHours {
+    /// True when `t` (epoch ms) is inside business hours.
+    pub fn contains(&self, t: crate::model::Millis) -> bool {
+        use chrono::{Datelike, Timelike};
+        let Some(utc) = chrono::DateTime::from_timestamp_millis(t) else {
+            return true;
+        };
+        let local = utc.with_timezone(&self.tz);
+        let minute = local.hour() * 60 + local.minute();
+        self.days.contains(&local.weekday().num_days_from_monday())
+            && minute >= self.open_min
+            && minute < self.close_min
+    }
+}
+
+/// A resolved policy.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Policy {
     /// Cap per 24 h, micro-EUR.
     pub daily_cap: i64,
@@ -407,6 +616,53 @@ pub struct Policy {
     pub hourly_cap: i64,
     /// Channel count.
     pub channels: i64,
+    /// Blocked prefixes.
+    pub blocked_ranges: Vec<String>,
+    /// Allowed prefixes (empty = all).
+    pub allowed_ranges: Vec<String>,
+    /// Business hours, if known.
+    pub business_hours: Option<BusinessHours>,
+}
+
+fn parse_hhmm(s: &str) -> Option<u32> {
+    let (h, m) = s.trim().split_once(':')?;
+    let (h, m): (u32, u32) = (h.parse().ok()?, m.parse().ok()?);
+    (h <= 24 && m < 60 && h * 60 + m <= 1440).then_some(h * 60 + m)
+}
+
+fn parse_days(s: &str) -> Option<Vec<u32>> {
+    const NAMES: [&str; 7] = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"];
+    let idx = |d: &str| NAMES.iter().position(|n| *n == d.trim()).map(|i| i as u32);
+    let mut out = Vec::new();
+    for part in s.split(',') {
+        match part.split_once('-') {
+            Some((a, b)) => {
+                let (a, b) = (idx(a)?, idx(b)?);
+                if a > b {
+                    return None;
+                }
+                out.extend(a..=b);
+            }
+            None => out.push(idx(part)?),
+        }
+    }
+    Some(out)
+}
+
+fn check_prefixes(key: &str, v: &[String]) -> Result<(), ConfigError> {
+    for (i, p) in v.iter().enumerate() {
+        let ok = p.starts_with('+')
+            && p.len() >= 2
+            && p.len() <= 16
+            && p[1..].bytes().all(|b| b.is_ascii_digit());
+        if !ok {
+            return Err(ConfigError::new(
+                format!("{key}[{i}]"),
+                format!("`{p}` is not a range like \"+670\""),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Policies by customer token (`keyid:hex`).
@@ -475,10 +731,68 @@ impl Policies {
             positive_i(&k("hourly_cap_eur"), hourly_cap)?;
             let channels = p.channels.unwrap_or(defaults.channels);
             positive_i(&k("channels"), channels)?;
+            check_prefixes(&k("blocked_ranges"), &p.blocked_ranges)?;
+            check_prefixes(&k("allowed_ranges"), &p.allowed_ranges)?;
+            if let Some(b) = p.blocked_ranges.iter().find(|b| {
+                p.allowed_ranges
+                    .iter()
+                    .any(|a| b.starts_with(a.as_str()) || a.starts_with(b.as_str()))
+            }) {
+                return Err(ConfigError::new(
+                    k("blocked_ranges"),
+                    format!("`{b}` overlaps an allowed range: the entry contradicts itself"),
+                ));
+            }
+            let business_hours = match &p.business_hours {
+                None => {
+                    if p.business_days.is_some() || p.time_zone.is_some() {
+                        return Err(ConfigError::new(
+                            k("business_hours"),
+                            "is required when business_days or time_zone is given",
+                        ));
+                    }
+                    None
+                }
+                Some(h) => {
+                    let (open, close) = h
+                        .split_once('-')
+                        .and_then(|(a, b)| Some((parse_hhmm(a)?, parse_hhmm(b)?)))
+                        .filter(|(a, b)| a < b)
+                        .ok_or_else(|| {
+                            ConfigError::new(
+                                k("business_hours"),
+                                format!("`{h}` is not a range like \"08:00-18:00\""),
+                            )
+                        })?;
+                    let days_s = p.business_days.as_deref().unwrap_or("mon-fri");
+                    let days = parse_days(days_s).ok_or_else(|| {
+                        ConfigError::new(
+                            k("business_days"),
+                            format!("`{days_s}` is not like \"mon-fri\" or \"mon,wed,fri\""),
+                        )
+                    })?;
+                    let tz_s = p.time_zone.as_deref().unwrap_or("Europe/Amsterdam");
+                    let tz = tz_s.parse::<chrono_tz::Tz>().map_err(|_| {
+                        ConfigError::new(
+                            k("time_zone"),
+                            format!("`{tz_s}` is not an IANA time zone"),
+                        )
+                    })?;
+                    Some(BusinessHours {
+                        open_min: open,
+                        close_min: close,
+                        days,
+                        tz,
+                    })
+                }
+            };
             let policy = Policy {
                 daily_cap,
                 hourly_cap,
                 channels,
+                blocked_ranges: p.blocked_ranges.clone(),
+                allowed_ranges: p.allowed_ranges.clone(),
+                business_hours,
             };
             if let Some(prev) = by_token.insert(token, policy.clone())
                 && prev != policy
@@ -537,6 +851,7 @@ mod tests {
             daily_cap: 1,
             hourly_cap: 1,
             channels: 1,
+            ..Default::default()
         };
         let key = Key::new("k1", &[1u8; 32]).unwrap();
         let text = "[[policy]]\ncustomer_id = \"kvk:1\"\nchannels = 4\n[[policy]]\ncustomer_id = \"kvk:2\"\nchannels = 0\n";

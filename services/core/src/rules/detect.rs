@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 
-use crate::model::{CallEvent, Direction, Millis, Phase};
+use crate::model::{CallEvent, Direction, Millis, NumberInfo, Phase};
 use crate::money::{format_amount, format_eur};
 use crate::rules::config::{Policies, Policy, RulesConfig, Severity, Thresholds};
 use crate::store::{Groups, Op, OpResult, Outcome, Scope, Update, Val};
@@ -28,6 +28,8 @@ pub enum Rule {
     Wangiri,
     /// Long call to a high-risk range.
     LongDuration,
+    /// Call to a range the customer's policy blocks.
+    BlockedDestination,
 }
 
 impl Rule {
@@ -42,6 +44,7 @@ impl Rule {
             Rule::HotNumber => "hot_number",
             Rule::Wangiri => "wangiri",
             Rule::LongDuration => "long_duration",
+            Rule::BlockedDestination => "blocked_destination",
         }
     }
 }
@@ -126,6 +129,7 @@ struct CustomerIdx {
     hr_spend: Option<usize>,
     hr_lines: Option<usize>,
     overlap: Option<usize>,
+    probe: Option<usize>,
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -133,6 +137,16 @@ struct RangeIdx {
     customers: Option<usize>,
     calls: Option<usize>,
     spend: Option<usize>,
+    callback: Option<usize>,
+    callbacks: Option<usize>,
+    wave: Option<usize>,
+}
+
+/// Indices of the ops of a Wangiri wave update (scope: the caller's range).
+#[derive(Debug, Clone, Copy, Default)]
+struct WaveIdx {
+    subscribers: usize,
+    callbacks: usize,
 }
 
 /// The plan for one event: its updates and where their results are.
@@ -142,6 +156,7 @@ pub struct Plan {
     pub updates: Vec<Update>,
     cust: Option<(usize, CustomerIdx)>,
     range: Option<(usize, RangeIdx)>,
+    wave: Option<(usize, WaveIdx)>,
     now: Millis,
 }
 
@@ -238,6 +253,7 @@ impl Detector {
             daily_cap: th.daily_cap,
             hourly_cap: th.hourly_cap,
             channels: cfg.concurrency.default_channels,
+            ..Default::default()
         };
         Ok(Self {
             cfg: Arc::new(cfg),
@@ -311,12 +327,14 @@ impl Detector {
                     bucket: bucket(e.start_time, MIN),
                     group: prov.clone(),
                     delta: Val::Ref(spend),
+                    when: None,
                 });
                 ops.push(Op::Add {
                     key: "sd".into(),
                     bucket: bucket(e.start_time, SPEND_DAILY_BUCKET),
                     group: prov.clone(),
                     delta: Val::Ref(spend),
+                    when: None,
                 });
                 ci.spend_h = Some(ops.len());
                 ops.push(Op::Sum {
@@ -341,12 +359,14 @@ impl Detector {
                     bucket: bucket(e.start_time, MIN),
                     group: prov.clone(),
                     delta: Val::Ref(newcall),
+                    when: None,
                 });
                 ops.push(Op::Add {
                     key: "hs".into(),
                     bucket: bucket(e.start_time, MIN),
                     group: prov.clone(),
                     delta: Val::Ref(spend),
+                    when: None,
                 });
                 ops.push(Op::Mark {
                     key: "hl".into(),
@@ -378,6 +398,23 @@ impl Detector {
                 });
             }
         }
+        let sp = &cfg.sequential_probe;
+        if outbound && sp.enabled && is_short(e, sp.short_call_s) {
+            let w = (sp.window_s * 1000) as i64;
+            let key = format!("pb:{}", e.callee_block.value);
+            ops.push(Op::Mark {
+                key: key.clone(),
+                group: prov.clone(),
+                id: e.callee_block_offset.to_string(),
+                ts: now,
+            });
+            ci.probe = Some(ops.len());
+            ops.push(Op::Distinct {
+                key,
+                since: now - w,
+                prune_before: now - w - lateness(cfg),
+            });
+        }
         if cfg.concurrency.enabled {
             let horizon = (cfg.concurrency.open_call_horizon_s * 1000) as i64;
             ops.push(Op::Span {
@@ -408,10 +445,14 @@ impl Detector {
             Some((updates.len() - 1, ci))
         };
 
-        // Range scope.
+        // Range scope of the destination: convergence and Wangiri callbacks.
         let d = &cfg.destination_convergence;
-        let range = if outbound && d.enabled && remote.risk_tier >= d.min_risk_tier {
-            let w = (d.window_s * 1000) as i64;
+        let wg = &cfg.wangiri;
+        let conv = outbound && d.enabled && remote.risk_tier >= d.min_risk_tier;
+        let callback = outbound && wg.enabled && remote.risk_tier >= wg.min_risk_tier;
+        let cb_window = (wg.callback_window_s * 1000) as i64;
+        let q = 15 * MIN;
+        let range = if conv || callback {
             let mut ops = Vec::new();
             let mut ri = RangeIdx::default();
             ops.push(Op::CallMax {
@@ -426,46 +467,82 @@ impl Detector {
                 value: e.estimated_charge,
                 ttl_ms: call_ttl,
             });
-            ops.push(Op::Add {
-                key: "rn".into(),
-                bucket: bucket(e.start_time, MIN),
-                group: prov.clone(),
-                delta: Val::Ref(0),
-            });
-            ops.push(Op::Add {
-                key: "rs".into(),
-                bucket: bucket(e.start_time, MIN),
-                group: prov.clone(),
-                delta: Val::Ref(1),
-            });
-            ops.push(Op::Mark {
-                key: "rc".into(),
-                group: prov,
-                id: e.subject().compact(),
-                ts: now,
-            });
-            let from = bucket(now - w, MIN) + 1;
-            let prune = bucket(now - w - lateness(cfg), MIN);
-            ri.calls = Some(ops.len());
-            ops.push(Op::Sum {
-                key: "rn".into(),
-                from,
-                to: bucket(now, MIN),
-                prune_before: prune,
-            });
-            ri.spend = Some(ops.len());
-            ops.push(Op::Sum {
-                key: "rs".into(),
-                from,
-                to: bucket(now, MIN),
-                prune_before: prune,
-            });
-            ri.customers = Some(ops.len());
-            ops.push(Op::Distinct {
-                key: "rc".into(),
-                since: now - w,
-                prune_before: now - w - lateness(cfg),
-            });
+            if conv {
+                let w = (d.window_s * 1000) as i64;
+                ops.push(Op::Add {
+                    key: "rn".into(),
+                    bucket: bucket(e.start_time, MIN),
+                    group: prov.clone(),
+                    delta: Val::Ref(0),
+                    when: None,
+                });
+                ops.push(Op::Add {
+                    key: "rs".into(),
+                    bucket: bucket(e.start_time, MIN),
+                    group: prov.clone(),
+                    delta: Val::Ref(1),
+                    when: None,
+                });
+                ops.push(Op::Mark {
+                    key: "rc".into(),
+                    group: prov.clone(),
+                    id: e.subject().compact(),
+                    ts: now,
+                });
+                let from = bucket(now - w, MIN) + 1;
+                let prune = bucket(now - w - lateness(cfg), MIN);
+                ri.calls = Some(ops.len());
+                ops.push(Op::Sum {
+                    key: "rn".into(),
+                    from,
+                    to: bucket(now, MIN),
+                    prune_before: prune,
+                });
+                ri.spend = Some(ops.len());
+                ops.push(Op::Sum {
+                    key: "rs".into(),
+                    from,
+                    to: bucket(now, MIN),
+                    prune_before: prune,
+                });
+                ri.customers = Some(ops.len());
+                ops.push(Op::Distinct {
+                    key: "rc".into(),
+                    since: now - w,
+                    prune_before: now - w - lateness(cfg),
+                });
+            }
+            if callback {
+                let has = ops.len();
+                ri.callback = Some(has);
+                ops.push(Op::Has {
+                    key: "wn".into(),
+                    group: "n".into(),
+                    id: e.callee.value.clone(),
+                    since: now - cb_window,
+                });
+                ops.push(Op::Add {
+                    key: "wcb".into(),
+                    bucket: bucket(e.start_time, q),
+                    group: prov.clone(),
+                    delta: Val::Ref(0),
+                    when: Some(has),
+                });
+                ri.callbacks = Some(ops.len());
+                ops.push(Op::Sum {
+                    key: "wcb".into(),
+                    from: bucket(now - cb_window, q) + 1,
+                    to: bucket(now, q),
+                    prune_before: bucket(now - cb_window - lateness(cfg), q),
+                });
+                let ww = (wg.window_s * 1000) as i64;
+                ri.wave = Some(ops.len());
+                ops.push(Op::Distinct {
+                    key: "wi".into(),
+                    since: now - cb_window.max(ww),
+                    prune_before: now - cb_window.max(ww) - lateness(cfg),
+                });
+            }
             updates.push(Update {
                 scope: Scope::Range(remote.range.clone()),
                 dedupe: e.event_key(),
@@ -476,10 +553,61 @@ impl Detector {
         } else {
             None
         };
+
+        // Wangiri wave: one-ring inbound calls from a foreign range.
+        let ring = e.direction == Direction::Inbound
+            && wg.enabled
+            && e.caller_info.risk_tier >= wg.min_risk_tier
+            && e.caller_info.country != e.callee_info.country
+            && is_short(e, wg.ring_max_s);
+        let wave = if ring {
+            let ww = (wg.window_s * 1000) as i64;
+            let ops = vec![
+                Op::Mark {
+                    key: "wi".into(),
+                    group: prov.clone(),
+                    id: e.subject().compact(),
+                    ts: now,
+                },
+                Op::Mark {
+                    key: "wn".into(),
+                    group: "n".into(),
+                    id: e.caller.value.clone(),
+                    ts: now,
+                },
+                Op::Distinct {
+                    key: "wi".into(),
+                    since: now - ww,
+                    prune_before: now - cb_window.max(ww) - lateness(cfg),
+                },
+                Op::Sum {
+                    key: "wcb".into(),
+                    from: bucket(now - cb_window, q) + 1,
+                    to: bucket(now, q),
+                    prune_before: bucket(now - cb_window - lateness(cfg), q),
+                },
+            ];
+            updates.push(Update {
+                scope: Scope::Range(e.caller_info.range.clone()),
+                dedupe: e.event_key(),
+                ttl_ms: ttl,
+                ops,
+            });
+            Some((
+                updates.len() - 1,
+                WaveIdx {
+                    subscribers: 2,
+                    callbacks: 3,
+                },
+            ))
+        } else {
+            None
+        };
         Plan {
             updates,
             cust,
             range,
+            wave,
             now,
         }
     }
@@ -583,8 +711,22 @@ impl Detector {
                 let spend = get(u, ci.hr_spend);
                 let lines = get(u, ci.hr_lines);
                 let carriers = active(&calls.by);
-                if carriers.len() >= b.min_carriers && calls.total >= b.warning_calls {
-                    let sev = if calls.total >= b.critical_calls
+                // Outside the customer's business hours less evidence is needed.
+                let off_hours = policy
+                    .business_hours
+                    .as_ref()
+                    .is_some_and(|h| !h.contains(now));
+                let scale = |v: i64| {
+                    if off_hours {
+                        ((v as f64 * b.out_of_hours_factor).ceil() as i64).max(2)
+                    } else {
+                        v
+                    }
+                };
+                let (warning_calls, critical_calls) =
+                    (scale(b.warning_calls), scale(b.critical_calls));
+                if carriers.len() >= b.min_carriers && calls.total >= warning_calls {
+                    let sev = if calls.total >= critical_calls
                         || spend.total >= self.th.burst_critical_spend
                     {
                         Severity::Critical
@@ -614,8 +756,9 @@ impl Detector {
                     let t = &mut f.evidence.thresholds;
                     t.insert("window_s".into(), b.window_s.to_string());
                     t.insert("min_carriers".into(), b.min_carriers.to_string());
-                    t.insert("warning_calls".into(), b.warning_calls.to_string());
-                    t.insert("critical_calls".into(), b.critical_calls.to_string());
+                    t.insert("warning_calls".into(), warning_calls.to_string());
+                    t.insert("critical_calls".into(), critical_calls.to_string());
+                    t.insert("outside_business_hours".into(), off_hours.to_string());
                     t.insert(
                         "critical_spend_eur".into(),
                         format_amount(self.th.burst_critical_spend),
@@ -681,6 +824,54 @@ impl Detector {
                     f.action = format!(
                         "Limit customer {who} to {} channels across carriers and verify the traffic with the customer.",
                         policy.channels
+                    );
+                    out.push(f);
+                }
+            }
+            // sequential_probe
+            let sp = &cfg.sequential_probe;
+            if sp.enabled && ci.probe.is_some() {
+                let g = get(u, ci.probe);
+                if g.total >= sp.warning_numbers {
+                    let sev = if g.total >= sp.critical_numbers {
+                        Severity::Critical
+                    } else {
+                        Severity::Warning
+                    };
+                    let mut f = base(
+                        Rule::SequentialProbe,
+                        sev,
+                        cust_scope.clone(),
+                        "sequential_probe".into(),
+                    );
+                    f.subject = FindingSubject {
+                        customer: Some(e.subject().clone()),
+                        range: Some(remote.range.clone()),
+                        country: Some(remote.country.clone()),
+                        number: None,
+                    };
+                    let w = (sp.window_s * 1000) as i64;
+                    f.evidence.calls = g.by.clone();
+                    f.evidence.total_calls = g.total;
+                    f.evidence.distinct_origins = 1;
+                    f.evidence.window = (now - w, now);
+                    f.evidence.ranges = vec![remote.range.clone()];
+                    let t = &mut f.evidence.thresholds;
+                    t.insert("window_s".into(), sp.window_s.to_string());
+                    t.insert("short_call_s".into(), sp.short_call_s.to_string());
+                    t.insert("warning_numbers".into(), sp.warning_numbers.to_string());
+                    t.insert("critical_numbers".into(), sp.critical_numbers.to_string());
+                    f.providers = active(&g.by);
+                    f.magnitude = g.total;
+                    f.summary = format!(
+                        "Customer {who} made short or unanswered calls to {} different numbers of one 100-number block in {pr} ({}) within {} min ({}): number scanning or test calls before pumping.",
+                        g.total,
+                        remote.country,
+                        sp.window_s / 60,
+                        carriers_list(&g.by)
+                    );
+                    f.action = format!(
+                        "Watch customer {who} for long calls to {pr} and consider blocking {pr}; check the PBX for compromise."
                     );
                     out.push(f);
                 }
@@ -751,6 +942,210 @@ impl Detector {
             }
         }
 
+        // wangiri: a callback to a number that rang subscribers, or the wave
+        let wg = &cfg.wangiri;
+        let mut wangiri = |scope_range: &NumberInfo,
+                           wave: Groups,
+                           callbacks: Groups,
+                           callback_now: bool| {
+            let carriers = active(&wave.by);
+            let wave_ok = wave.total >= wg.min_subscribers && carriers.len() >= wg.min_carriers;
+            if !(wave_ok || callback_now) {
+                return;
+            }
+            let sev = if callbacks.total >= wg.critical_callbacks {
+                Severity::Critical
+            } else {
+                Severity::Warning
+            };
+            let rp = pretty_range(&scope_range.range, scope_range.country_code);
+            let mut f = base(
+                Rule::Wangiri,
+                sev,
+                Scope::Range(scope_range.range.clone()),
+                "wangiri".into(),
+            );
+            f.subject = FindingSubject {
+                customer: None,
+                range: Some(scope_range.range.clone()),
+                country: Some(scope_range.country.clone()),
+                number: None,
+            };
+            f.evidence.customers = wave.by.clone();
+            f.evidence.calls = callbacks.by.clone();
+            f.evidence.distinct_origins = wave.total;
+            f.evidence.total_calls = callbacks.total;
+            f.evidence.window = (now - (wg.window_s * 1000) as i64, now);
+            f.evidence.ranges = vec![scope_range.range.clone()];
+            let t = &mut f.evidence.thresholds;
+            t.insert("window_s".into(), wg.window_s.to_string());
+            t.insert("ring_max_s".into(), wg.ring_max_s.to_string());
+            t.insert("min_subscribers".into(), wg.min_subscribers.to_string());
+            t.insert(
+                "critical_callbacks".into(),
+                wg.critical_callbacks.to_string(),
+            );
+            let mut providers = carriers.clone();
+            providers.extend(active(&callbacks.by));
+            providers.sort();
+            providers.dedup();
+            f.providers = providers;
+            f.magnitude = wave.total + 10 * callbacks.total;
+            f.summary = format!(
+                "Numbers in {rp} ({}) rang {} subscribers at {} carrier(s) with one-ring calls ({}); {} call(s) back to those numbers so far (Wangiri).",
+                scope_range.country,
+                wave.total,
+                carriers.len(),
+                carriers_list(&wave.by),
+                callbacks.total
+            );
+            f.action = format!(
+                "Block outgoing calls to {rp} consortium-wide and warn subscribers not to call back unknown foreign numbers."
+            );
+            out.push(f);
+        };
+        if let Some((u, ri)) = plan.range
+            && ri.callback.is_some()
+        {
+            let hit = ri
+                .callback
+                .and_then(|i| outcomes.get(u).and_then(|o| o.results.get(i)))
+                .map(OpResult::int)
+                .unwrap_or(0)
+                == 1;
+            if hit {
+                wangiri(remote, get(u, ri.wave), get(u, ri.callbacks), true);
+            }
+        }
+        if let Some((u, wi)) = plan.wave {
+            wangiri(
+                &e.caller_info,
+                get(u, Some(wi.subscribers)),
+                get(u, Some(wi.callbacks)),
+                false,
+            );
+        }
+
+        // long_duration
+        let ld = &cfg.long_duration;
+        if ld.enabled
+            && e.direction == Direction::Outbound
+            && remote.risk_tier >= ld.min_risk_tier
+            && e.phase != Phase::Start
+            && e.duration_s >= ld.warning_s as f64
+        {
+            let sev = if e.duration_s >= ld.critical_s as f64 {
+                Severity::Critical
+            } else {
+                Severity::Warning
+            };
+            let mut f = base(
+                Rule::LongDuration,
+                sev,
+                cust_scope.clone(),
+                "long_duration".into(),
+            );
+            f.subject = FindingSubject {
+                customer: Some(e.subject().clone()),
+                range: Some(remote.range.clone()),
+                country: Some(remote.country.clone()),
+                number: None,
+            };
+            f.evidence.calls = BTreeMap::from([(e.provider_id.clone(), 1)]);
+            f.evidence.spend = BTreeMap::from([(e.provider_id.clone(), e.estimated_charge)]);
+            f.evidence.total_calls = 1;
+            f.evidence.total_spend = e.estimated_charge;
+            f.evidence.window = (e.start_time, now);
+            f.evidence.ranges = vec![remote.range.clone()];
+            f.evidence
+                .thresholds
+                .insert("warning_s".into(), ld.warning_s.to_string());
+            f.evidence
+                .thresholds
+                .insert("critical_s".into(), ld.critical_s.to_string());
+            f.providers = vec![e.provider_id.clone()];
+            f.magnitude = (e.duration_s / 60.0) as i64;
+            f.summary = format!(
+                "A call of customer {who} to {pr} ({}, {} risk) via {} has been up for {} min ({}), est. {}.",
+                remote.country,
+                remote.risk_tier.as_str(),
+                e.provider_id,
+                (e.duration_s / 60.0) as i64,
+                if e.phase == Phase::End {
+                    "ended"
+                } else {
+                    "still running"
+                },
+                format_eur(e.estimated_charge)
+            );
+            f.action = format!(
+                "Release the call and check customer {who}'s PBX at {}; long calls to {pr} are typical of IRSF pumping.",
+                e.provider_id
+            );
+            out.push(f);
+        }
+
+        // blocked_destination (policy)
+        let bd = &cfg.blocked_destination;
+        if bd.enabled && e.direction == Direction::Outbound {
+            let blocked = policy
+                .blocked_ranges
+                .iter()
+                .find(|p| remote.range.starts_with(p.as_str()))
+                .cloned();
+            let international = e.callee_info.country_code != e.caller_info.country_code;
+            let outside = international
+                && !policy.allowed_ranges.is_empty()
+                && !policy.allowed_ranges.iter().any(|p| {
+                    remote.range.starts_with(p.as_str()) || p.starts_with(remote.range.as_str())
+                });
+            if blocked.is_some() || outside {
+                let mut f = base(
+                    Rule::BlockedDestination,
+                    bd.severity,
+                    cust_scope.clone(),
+                    format!("blocked_destination:{}", remote.range),
+                );
+                f.subject = FindingSubject {
+                    customer: Some(e.subject().clone()),
+                    range: Some(remote.range.clone()),
+                    country: Some(remote.country.clone()),
+                    number: None,
+                };
+                f.evidence.calls = BTreeMap::from([(e.provider_id.clone(), 1)]);
+                f.evidence.total_calls = 1;
+                f.evidence.total_spend = e.estimated_charge;
+                f.evidence.window = (e.start_time, now);
+                f.evidence.ranges = vec![remote.range.clone()];
+                match &blocked {
+                    Some(b) => f
+                        .evidence
+                        .thresholds
+                        .insert("blocked_range".into(), b.clone()),
+                    None => f
+                        .evidence
+                        .thresholds
+                        .insert("allowed_ranges".into(), policy.allowed_ranges.join(" ")),
+                };
+                f.providers = vec![e.provider_id.clone()];
+                f.magnitude = 1;
+                f.summary = match &blocked {
+                    Some(b) => format!(
+                        "Customer {who} called {pr} ({}) via {}, a destination its policy blocks ({b}).",
+                        remote.country, e.provider_id
+                    ),
+                    None => format!(
+                        "Customer {who} called {pr} ({}) via {}, outside the destinations its policy allows.",
+                        remote.country, e.provider_id
+                    ),
+                };
+                f.action = format!(
+                    "Block {pr} for customer {who} at every carrier, as its policy requires."
+                );
+                out.push(f);
+            }
+        }
+
         // hot_number
         let hcfg = &cfg.hot_number;
         if hcfg.enabled && e.direction == Direction::Outbound && !self.hot.is_empty() {
@@ -799,6 +1194,16 @@ impl Detector {
         }
         out
     }
+}
+
+/// A short or unanswered call (an END event; start/interim events of a call
+/// never are).
+fn is_short(e: &CallEvent, max_s: f64) -> bool {
+    e.phase == Phase::End
+        && (e
+            .disposition
+            .is_some_and(|d| d != crate::model::Disposition::Answered)
+            || e.duration_s <= max_s)
 }
 
 fn lateness(cfg: &RulesConfig) -> i64 {

@@ -83,6 +83,7 @@ fn rule_pb(r: Rule) -> pb::Rule {
         Rule::HotNumber => pb::Rule::HotNumber,
         Rule::Wangiri => pb::Rule::Wangiri,
         Rule::LongDuration => pb::Rule::LongDuration,
+        Rule::BlockedDestination => pb::Rule::BlockedDestination,
     }
 }
 

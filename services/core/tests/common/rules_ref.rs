@@ -28,6 +28,9 @@ fn rules() -> RulesConfig {
     r.concurrency.open_call_horizon_s = 300;
     r.spend_cap.hourly_cap_eur = "8.00".into();
     r.spend_cap.daily_cap_eur = "20.00".into();
+    r.sequential_probe.warning_numbers = 3;
+    r.sequential_probe.critical_numbers = 5;
+    r.sequential_probe.short_call_s = 30.0;
     r
 }
 
@@ -49,11 +52,12 @@ fn info(range: &str, tier: RiskTier) -> NumberInfo {
     }
 }
 
-/// A call: (provider, customer, range idx, start offset s, duration s, phased, charge cents/min)
-type CallSpec = (usize, usize, usize, i64, i64, bool, i64);
+/// A call: (provider, customer, range idx, start offset s, duration s, phased,
+/// charge cents/min, (block, offset in block))
+pub type CallSpec = (usize, usize, usize, i64, i64, bool, i64, (usize, u32));
 
 fn events_of(i: usize, c: &CallSpec) -> Vec<CallEvent> {
-    let (p, cust, r, off, dur, phased, rate) = *c;
+    let (p, cust, r, off, dur, phased, rate, (blk, boff)) = *c;
     let provider = ["kpn", "bt", "odido"][p].to_string();
     let (range, tier) = [("+67077", RiskTier::High), ("+3130", RiskTier::Low)][r];
     let start = T0 + off * 1000;
@@ -76,8 +80,8 @@ fn events_of(i: usize, c: &CallSpec) -> Vec<CallEvent> {
         source_ip: None,
         charge: None,
         estimated_charge: (rate * 10_000) * d as i64 / 60,
-        callee_block: tok("blk"),
-        callee_block_offset: 0,
+        callee_block: tok(&format!("blk{blk}")),
+        callee_block_offset: boff,
         ingested_at: 0,
     };
     if phased {
@@ -296,6 +300,59 @@ fn reference(cfg: &RulesConfig, seen: &[CallEvent], e: &CallEvent) -> BTreeSet<O
             });
         }
     }
+    // sequential_probe: distinct offsets of short calls in the event's block.
+    let sp = &cfg.sequential_probe;
+    let short = |s: &CallEvent| s.phase == Phase::End && s.duration_s <= sp.short_call_s;
+    if sp.enabled && short(e) {
+        let w = sp.window_s as i64 * 1000;
+        let mut by: BTreeMap<String, BTreeSet<u32>> = BTreeMap::new();
+        let mut all = BTreeSet::new();
+        for s in seen
+            .iter()
+            .filter(|s| s.subject() == cust && short(s) && s.callee_block == e.callee_block)
+        {
+            if s.phase_time() >= now - w {
+                by.entry(s.provider_id.clone())
+                    .or_default()
+                    .insert(s.callee_block_offset);
+                all.insert(s.callee_block_offset);
+            }
+        }
+        let total = all.len() as i64;
+        if total >= sp.warning_numbers {
+            out.insert(Obs {
+                rule: "sequential_probe",
+                severity: if total >= sp.critical_numbers {
+                    Severity::Critical
+                } else {
+                    Severity::Warning
+                },
+                calls: by.into_iter().map(|(k, v)| (k, v.len() as i64)).collect(),
+                total_spend: 0,
+                origins: 1,
+                concurrent: 0,
+            });
+        }
+    }
+    // long_duration: a pure check of the event.
+    let ld = &cfg.long_duration;
+    if e.callee_info.risk_tier >= ld.min_risk_tier
+        && e.phase != Phase::Start
+        && e.duration_s >= ld.warning_s as f64
+    {
+        out.insert(Obs {
+            rule: "long_duration",
+            severity: if e.duration_s >= ld.critical_s as f64 {
+                Severity::Critical
+            } else {
+                Severity::Warning
+            },
+            calls: BTreeMap::from([(e.provider_id.clone(), 1)]),
+            total_spend: e.estimated_charge,
+            origins: 0,
+            concurrent: 0,
+        });
+    }
     out
 }
 
@@ -305,6 +362,8 @@ fn observed(f: &tollguard_core::rules::Finding) -> Obs {
         Rule::MultiCarrierBurst => "multi_carrier_burst",
         Rule::Concurrency => "concurrency",
         Rule::DestinationConvergence => "destination_convergence",
+        Rule::SequentialProbe => "sequential_probe",
+        Rule::LongDuration => "long_duration",
         other => panic!("unexpected rule {other:?}"),
     };
     let calls = if matches!(f.rule, Rule::SpendCap) {
@@ -341,9 +400,10 @@ pub fn call_spec() -> impl Strategy<Value = CallSpec> {
         0..3usize,
         0..2usize,
         0..1800i64,
-        1..900i64,
+        prop_oneof![4 => 1..40i64, 4 => 40..900i64, 1 => 2600..6000i64],
         any::<bool>(),
         20..300i64,
+        (0..2usize, 0..12u32),
     )
 }
 
