@@ -1,0 +1,204 @@
+//! Scenario tests of individual rules through the whole core path: partner
+//! record → ingestor → engine over the memory store → alerts.
+
+use std::sync::Arc;
+
+use tollguard_core::ingest::{Ingestor, ReferenceData};
+use tollguard_core::number::DialPlan;
+use tollguard_core::pseudo::{Key, Pseudonymizer};
+use tollguard_core::record::RawRecord;
+use tollguard_core::render::rfc3339;
+use tollguard_core::rules::{Detector, Engine, HotList, Policies, Policy, RulesConfig};
+use tollguard_core::store::{MemoryStore, WindowStore};
+use tollguard_proto::v1 as pb;
+
+const T0: i64 = 1_307_746_020_000; // 2011-06-10T22:47:00Z (Saturday 00:47 in Amsterdam)
+
+fn key() -> Key {
+    Key::new("k1", &[3u8; 32]).unwrap()
+}
+
+struct Rig {
+    engine: Engine,
+    ingestors: Vec<Ingestor>,
+    n: u64,
+}
+
+impl Rig {
+    fn new(rules: RulesConfig, policies: &str) -> Self {
+        let th = rules.validate().unwrap();
+        let defaults = Policy {
+            daily_cap: th.daily_cap,
+            hourly_cap: th.hourly_cap,
+            channels: rules.concurrency.default_channels,
+            ..Default::default()
+        };
+        let policies = Policies::parse("p.toml", policies, Some(&key()), &defaults).unwrap();
+        let det = Detector::new(rules, policies, HotList::default()).unwrap();
+        let store: Arc<dyn WindowStore> = Arc::new(MemoryStore::new("tg:"));
+        let refdata = Arc::new(ReferenceData::default());
+        let ingestors = ["kpn", "bt", "odido"]
+            .iter()
+            .map(|p| {
+                Ingestor::new(p, DialPlan::new("NL"), 2, Pseudonymizer::new(key()), refdata.clone()).unwrap()
+            })
+            .collect();
+        Self {
+            engine: Engine::new(store, det),
+            ingestors,
+            n: 0,
+        }
+    }
+
+    /// Sends one record; returns the alerts it produced.
+    #[allow(clippy::too_many_arguments)]
+    async fn call(
+        &mut self,
+        carrier: usize,
+        customer: &str,
+        direction: &str,
+        caller: &str,
+        callee: &str,
+        phase: &str,
+        at_s: i64,
+        duration: f64,
+        call: Option<&str>,
+    ) -> Vec<pb::Alert> {
+        self.n += 1;
+        let ing = &self.ingestors[carrier];
+        let call_id = call.map(str::to_string).unwrap_or_else(|| format!("c{}", self.n));
+        let raw = RawRecord {
+            provider_id: Some(ing.provider_id().to_string()),
+            event_id: Some(format!("e{}", self.n)),
+            call_id: Some(call_id),
+            phase: Some(phase.into()),
+            customer_id: Some(customer.into()),
+            line_id: Some(format!("{customer}-line")),
+            caller: Some(caller.into()),
+            callee: Some(callee.into()),
+            direction: Some(direction.into()),
+            start_time: Some(rfc3339(T0 + at_s * 1000)),
+            duration_s: Some(duration),
+            ..Default::default()
+        };
+        let ev = ing.ingest(&raw, T0 + 86_400_000).unwrap();
+        let p = self.engine.process(&[ev], 0).await.unwrap();
+        let alerts = p.alerts.clone();
+        self.engine.confirm(p).await.unwrap();
+        alerts
+    }
+}
+
+fn rule(a: &pb::Alert) -> String {
+    tollguard_core::render::rule_name(a)
+}
+
+#[tokio::test]
+async fn wangiri_wave_then_callbacks_escalate() {
+    let mut r = Rig::new(RulesConfig::default(), "");
+    let mut alerts = Vec::new();
+    // One-ring calls from an Ivory Coast range to six customers at two carriers.
+    for i in 0..6 {
+        let caller = format!("+2250701234{i:02}");
+        alerts.extend(
+            r.call(i % 2, &format!("kvk:{i}"), "inbound", &caller, "+31201234567", "end", i as i64 * 60, 2.0, None)
+                .await,
+        );
+    }
+    let wave: Vec<_> = alerts.iter().filter(|a| rule(a) == "wangiri").collect();
+    assert_eq!(wave.len(), 1, "{alerts:#?}");
+    assert_eq!(wave[0].severity, pb::Severity::Warning as i32);
+    assert_eq!(wave[0].subject.as_ref().unwrap().range, "+22507");
+    // Two customers call back.
+    let mut later = Vec::new();
+    for i in 0..2 {
+        let callee = format!("+2250701234{i:02}");
+        later.extend(
+            r.call(i, &format!("kvk:{i}"), "outbound", "+31201234567", &callee, "end", 900 + i as i64 * 60, 95.0, None)
+                .await,
+        );
+    }
+    let esc: Vec<_> = later.iter().filter(|a| rule(a) == "wangiri").collect();
+    assert!(!esc.is_empty(), "{later:#?}");
+    let last = esc.last().unwrap();
+    assert_eq!(last.severity, pb::Severity::Critical as i32);
+    assert_eq!(last.incident_id, wave[0].incident_id, "callbacks escalate the same incident");
+    assert_eq!(last.evidence.as_ref().unwrap().calls, 2);
+    // A call back to a number that never rang is nothing.
+    let none = r
+        .call(2, "kvk:9", "outbound", "+31201234567", "+22507999999", "end", 2000, 30.0, None)
+        .await;
+    assert!(none.iter().all(|a| rule(a) != "wangiri" || a.incident_id == wave[0].incident_id), "{none:#?}");
+}
+
+#[tokio::test]
+async fn blocked_and_allowed_destinations_from_the_policy() {
+    let policies = "[[policy]]\ncustomer_id = \"kvk:1\"\nblocked_ranges = [\"+670\"]\n\
+                    [[policy]]\ncustomer_id = \"kvk:2\"\nallowed_ranges = [\"+32\", \"+49\"]\n";
+    let mut r = Rig::new(RulesConfig::default(), policies);
+    let a = r.call(0, "kvk:1", "outbound", "+31201234567", "+67077123456", "start", 0, 0.0, None).await;
+    let b: Vec<_> = a.iter().filter(|a| rule(a) == "blocked_destination").collect();
+    assert_eq!(b.len(), 1);
+    assert_eq!(b[0].severity, pb::Severity::Critical as i32);
+    // Allowed destination and domestic calls are fine; others are not.
+    assert!(r.call(0, "kvk:2", "outbound", "+31201234567", "+3221234567", "end", 10, 60.0, None).await.is_empty());
+    assert!(r.call(0, "kvk:2", "outbound", "+31201234567", "+31301234567", "end", 20, 60.0, None).await.is_empty());
+    let c = r.call(0, "kvk:2", "outbound", "+31201234567", "+442079460958", "end", 30, 60.0, None).await;
+    assert!(c.iter().any(|a| rule(a) == "blocked_destination"), "{c:#?}");
+    // A customer without a policy may call anywhere.
+    assert!(r.call(0, "kvk:3", "outbound", "+31201234567", "+67077123456", "end", 40, 60.0, None).await.is_empty());
+}
+
+#[tokio::test]
+async fn outside_business_hours_less_evidence_is_needed() {
+    let policies = "[[policy]]\ncustomer_id = \"kvk:night\"\nbusiness_hours = \"08:00-18:00\"\n";
+    let mut r = Rig::new(RulesConfig::default(), policies);
+    // Three high-risk calls over two carriers at 00:47 local: factor 0.5 → warning at 2, critical at 3.
+    let mut night = Vec::new();
+    for i in 0..3 {
+        night.extend(r.call(i % 2, "kvk:night", "outbound", "+31201234567", "+67077123456", "start", i as i64 * 20, 0.0, None).await);
+    }
+    let burst: Vec<_> = night.iter().filter(|a| rule(a) == "multi_carrier_burst").collect();
+    assert_eq!(burst.last().map(|a| a.severity), Some(pb::Severity::Critical as i32), "{night:#?}");
+    // The same three calls from a customer without business hours raise nothing.
+    let mut plain = Vec::new();
+    for i in 0..3 {
+        plain.extend(r.call(i % 2, "kvk:day", "outbound", "+31201234567", "+67077123456", "start", i as i64 * 20, 0.0, None).await);
+    }
+    assert!(plain.iter().all(|a| rule(a) != "multi_carrier_burst"), "{plain:#?}");
+}
+
+#[tokio::test]
+async fn long_calls_to_high_risk_ranges_warn_then_escalate_while_running() {
+    let mut r = Rig::new(RulesConfig::default(), "");
+    let mut out = Vec::new();
+    for (i, el) in [600.0, 2760.0, 4000.0, 5460.0].iter().enumerate() {
+        out.extend(
+            r.call(0, "kvk:7", "outbound", "+31201234567", "+67077123456", "interim", 0, *el, Some("long-1"))
+                .await
+                .into_iter()
+                .map(|a| (i, a)),
+        );
+    }
+    let ld: Vec<_> = out.iter().filter(|(_, a)| rule(a) == "long_duration").collect();
+    assert_eq!(ld.len(), 2, "{ld:#?}");
+    assert_eq!((ld[0].0, ld[0].1.severity), (1, pb::Severity::Warning as i32));
+    assert_eq!((ld[1].0, ld[1].1.severity), (3, pb::Severity::Critical as i32));
+    assert_eq!(ld[0].1.incident_id, ld[1].1.incident_id);
+    assert!(ld[1].1.summary.contains("still running"), "{}", ld[1].1.summary);
+}
+
+#[tokio::test]
+async fn sequential_probing_of_one_block() {
+    let mut r = Rig::new(RulesConfig::default(), "");
+    let mut out = Vec::new();
+    for i in 0..16 {
+        let callee = format!("+6757123450{:01}", i % 10);
+        let callee = if i < 10 { callee } else { format!("+675712345{i}") };
+        out.extend(r.call(i % 2, "kvk:scan", "outbound", "+31201234567", &callee, "end", i as i64 * 20, 3.0, None).await);
+    }
+    let sp: Vec<_> = out.iter().filter(|a| rule(a) == "sequential_probe").collect();
+    assert!(!sp.is_empty(), "{out:#?}");
+    assert_eq!(sp[0].severity, pb::Severity::Warning as i32);
+    assert_eq!(sp.last().unwrap().severity, pb::Severity::Critical as i32);
+}
