@@ -36,6 +36,10 @@ struct Ingester {
 }
 
 async fn start(dir: &Path) -> Ingester {
+    start_with(dir, &[]).await
+}
+
+async fn start_with(dir: &Path, extra: &[(&str, &str)]) -> Ingester {
     let key = key_file(dir);
     let (grpc, http) = (free_port(), free_port());
     let topic = format!("tgtest.{}.calls", unique("ingest"));
@@ -63,6 +67,8 @@ async fn start(dir: &Path) -> Ingester {
             "65536".into(),
         ),
     ];
+    let mut env = env;
+    env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
     let p = Proc::spawn(dir, "ingester", &bin("tollguard-ingester"), &[], &env);
     wait_ready(&p, http, Duration::from_secs(60)).await;
     Ingester {
@@ -213,6 +219,48 @@ async fn bad_input_is_refused_and_never_reaches_kafka() {
         let tp = std::str::from_utf8(r.header("traceparent").unwrap()).unwrap();
         assert!(tp.starts_with("00-") && tp.len() == 55, "{tp}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_producer_queue_is_resource_exhausted_with_retry_advice() {
+    let dir = tempfile::tempdir().unwrap();
+    let ing = start_with(
+        dir.path(),
+        &[
+            ("TOLLGUARD__KAFKA__QUEUE_BUFFERING_MAX_MESSAGES", "10"),
+            ("TOLLGUARD__KAFKA__LINGER_MS", "200"),
+        ],
+    )
+    .await;
+    let mut c = client(ing.grpc).await;
+    let st = c
+        .publish_batch(pb::PublishRequest {
+            batch_id: 7,
+            records: (0..60).map(|i| record(&format!("bp-{i}"))).collect(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(st.code(), tonic::Code::ResourceExhausted, "{st:?}");
+    assert!(st.message().contains("resend"), "{}", st.message());
+    let retry: u64 = st
+        .metadata()
+        .get("retry-after-ms")
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(retry > 0);
+    // Batches that fit are acknowledged.
+    let ack = c
+        .publish_batch(pb::PublishRequest {
+            batch_id: 8,
+            records: vec![record("fits")],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(ack.accepted, 1);
 }
 
 fn tokio_stream_iter(

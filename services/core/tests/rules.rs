@@ -22,6 +22,7 @@ struct Rig {
     engine: Engine,
     ingestors: Vec<Ingestor>,
     n: u64,
+    watermarks: tollguard_core::rules::Watermarks,
 }
 
 impl Rig {
@@ -40,13 +41,21 @@ impl Rig {
         let ingestors = ["kpn", "bt", "odido"]
             .iter()
             .map(|p| {
-                Ingestor::new(p, DialPlan::new("NL"), 2, Pseudonymizer::new(key()), refdata.clone()).unwrap()
+                Ingestor::new(
+                    p,
+                    DialPlan::new("NL"),
+                    2,
+                    Pseudonymizer::new(key()),
+                    refdata.clone(),
+                )
+                .unwrap()
             })
             .collect();
         Self {
             engine: Engine::new(store, det),
             ingestors,
             n: 0,
+            watermarks: Default::default(),
         }
     }
 
@@ -66,7 +75,9 @@ impl Rig {
     ) -> Vec<pb::Alert> {
         self.n += 1;
         let ing = &self.ingestors[carrier];
-        let call_id = call.map(str::to_string).unwrap_or_else(|| format!("c{}", self.n));
+        let call_id = call
+            .map(str::to_string)
+            .unwrap_or_else(|| format!("c{}", self.n));
         let raw = RawRecord {
             provider_id: Some(ing.provider_id().to_string()),
             event_id: Some(format!("e{}", self.n)),
@@ -82,7 +93,8 @@ impl Rig {
             ..Default::default()
         };
         let ev = ing.ingest(&raw, T0 + 86_400_000).unwrap();
-        let p = self.engine.process(&[ev], 0).await.unwrap();
+        let late = self.watermarks.observe(0, &ev, 300_000);
+        let p = self.engine.process(&[ev], &[late], 0).await.unwrap();
         let alerts = p.alerts.clone();
         self.engine.confirm(p).await.unwrap();
         alerts
@@ -101,8 +113,18 @@ async fn wangiri_wave_then_callbacks_escalate() {
     for i in 0..6 {
         let caller = format!("+2250701234{i:02}");
         alerts.extend(
-            r.call(i % 2, &format!("kvk:{i}"), "inbound", &caller, "+31201234567", "end", i as i64 * 60, 2.0, None)
-                .await,
+            r.call(
+                i % 2,
+                &format!("kvk:{i}"),
+                "inbound",
+                &caller,
+                "+31201234567",
+                "end",
+                i as i64 * 60,
+                2.0,
+                None,
+            )
+            .await,
         );
     }
     let wave: Vec<_> = alerts.iter().filter(|a| rule(a) == "wangiri").collect();
@@ -114,21 +136,48 @@ async fn wangiri_wave_then_callbacks_escalate() {
     for i in 0..2 {
         let callee = format!("+2250701234{i:02}");
         later.extend(
-            r.call(i, &format!("kvk:{i}"), "outbound", "+31201234567", &callee, "end", 900 + i as i64 * 60, 95.0, None)
-                .await,
+            r.call(
+                i,
+                &format!("kvk:{i}"),
+                "outbound",
+                "+31201234567",
+                &callee,
+                "end",
+                900 + i as i64 * 60,
+                95.0,
+                None,
+            )
+            .await,
         );
     }
     let esc: Vec<_> = later.iter().filter(|a| rule(a) == "wangiri").collect();
     assert!(!esc.is_empty(), "{later:#?}");
     let last = esc.last().unwrap();
     assert_eq!(last.severity, pb::Severity::Critical as i32);
-    assert_eq!(last.incident_id, wave[0].incident_id, "callbacks escalate the same incident");
+    assert_eq!(
+        last.incident_id, wave[0].incident_id,
+        "callbacks escalate the same incident"
+    );
     assert_eq!(last.evidence.as_ref().unwrap().calls, 2);
     // A call back to a number that never rang is nothing.
     let none = r
-        .call(2, "kvk:9", "outbound", "+31201234567", "+22507999999", "end", 2000, 30.0, None)
+        .call(
+            2,
+            "kvk:9",
+            "outbound",
+            "+31201234567",
+            "+22507999999",
+            "end",
+            2000,
+            30.0,
+            None,
+        )
         .await;
-    assert!(none.iter().all(|a| rule(a) != "wangiri" || a.incident_id == wave[0].incident_id), "{none:#?}");
+    assert!(
+        none.iter()
+            .all(|a| rule(a) != "wangiri" || a.incident_id == wave[0].incident_id),
+        "{none:#?}"
+    );
 }
 
 #[tokio::test]
@@ -136,17 +185,86 @@ async fn blocked_and_allowed_destinations_from_the_policy() {
     let policies = "[[policy]]\ncustomer_id = \"kvk:1\"\nblocked_ranges = [\"+670\"]\n\
                     [[policy]]\ncustomer_id = \"kvk:2\"\nallowed_ranges = [\"+32\", \"+49\"]\n";
     let mut r = Rig::new(RulesConfig::default(), policies);
-    let a = r.call(0, "kvk:1", "outbound", "+31201234567", "+67077123456", "start", 0, 0.0, None).await;
-    let b: Vec<_> = a.iter().filter(|a| rule(a) == "blocked_destination").collect();
+    let a = r
+        .call(
+            0,
+            "kvk:1",
+            "outbound",
+            "+31201234567",
+            "+67077123456",
+            "start",
+            0,
+            0.0,
+            None,
+        )
+        .await;
+    let b: Vec<_> = a
+        .iter()
+        .filter(|a| rule(a) == "blocked_destination")
+        .collect();
     assert_eq!(b.len(), 1);
     assert_eq!(b[0].severity, pb::Severity::Critical as i32);
     // Allowed destination and domestic calls are fine; others are not.
-    assert!(r.call(0, "kvk:2", "outbound", "+31201234567", "+3221234567", "end", 10, 60.0, None).await.is_empty());
-    assert!(r.call(0, "kvk:2", "outbound", "+31201234567", "+31301234567", "end", 20, 60.0, None).await.is_empty());
-    let c = r.call(0, "kvk:2", "outbound", "+31201234567", "+442079460958", "end", 30, 60.0, None).await;
+    assert!(
+        r.call(
+            0,
+            "kvk:2",
+            "outbound",
+            "+31201234567",
+            "+3221234567",
+            "end",
+            10,
+            60.0,
+            None
+        )
+        .await
+        .is_empty()
+    );
+    assert!(
+        r.call(
+            0,
+            "kvk:2",
+            "outbound",
+            "+31201234567",
+            "+31301234567",
+            "end",
+            20,
+            60.0,
+            None
+        )
+        .await
+        .is_empty()
+    );
+    let c = r
+        .call(
+            0,
+            "kvk:2",
+            "outbound",
+            "+31201234567",
+            "+442079460958",
+            "end",
+            30,
+            60.0,
+            None,
+        )
+        .await;
     assert!(c.iter().any(|a| rule(a) == "blocked_destination"), "{c:#?}");
     // A customer without a policy may call anywhere.
-    assert!(r.call(0, "kvk:3", "outbound", "+31201234567", "+67077123456", "end", 40, 60.0, None).await.is_empty());
+    assert!(
+        r.call(
+            0,
+            "kvk:3",
+            "outbound",
+            "+31201234567",
+            "+67077123456",
+            "end",
+            40,
+            60.0,
+            None
+        )
+        .await
+        .is_empty()
+    );
 }
 
 #[tokio::test]
@@ -156,16 +274,52 @@ async fn outside_business_hours_less_evidence_is_needed() {
     // Three high-risk calls over two carriers at 00:47 local: factor 0.5 → warning at 2, critical at 3.
     let mut night = Vec::new();
     for i in 0..3 {
-        night.extend(r.call(i % 2, "kvk:night", "outbound", "+31201234567", "+67077123456", "start", i as i64 * 20, 0.0, None).await);
+        night.extend(
+            r.call(
+                i % 2,
+                "kvk:night",
+                "outbound",
+                "+31201234567",
+                "+67077123456",
+                "start",
+                i as i64 * 20,
+                0.0,
+                None,
+            )
+            .await,
+        );
     }
-    let burst: Vec<_> = night.iter().filter(|a| rule(a) == "multi_carrier_burst").collect();
-    assert_eq!(burst.last().map(|a| a.severity), Some(pb::Severity::Critical as i32), "{night:#?}");
+    let burst: Vec<_> = night
+        .iter()
+        .filter(|a| rule(a) == "multi_carrier_burst")
+        .collect();
+    assert_eq!(
+        burst.last().map(|a| a.severity),
+        Some(pb::Severity::Critical as i32),
+        "{night:#?}"
+    );
     // The same three calls from a customer without business hours raise nothing.
     let mut plain = Vec::new();
     for i in 0..3 {
-        plain.extend(r.call(i % 2, "kvk:day", "outbound", "+31201234567", "+67077123456", "start", i as i64 * 20, 0.0, None).await);
+        plain.extend(
+            r.call(
+                i % 2,
+                "kvk:day",
+                "outbound",
+                "+31201234567",
+                "+67077123456",
+                "start",
+                i as i64 * 20,
+                0.0,
+                None,
+            )
+            .await,
+        );
     }
-    assert!(plain.iter().all(|a| rule(a) != "multi_carrier_burst"), "{plain:#?}");
+    assert!(
+        plain.iter().all(|a| rule(a) != "multi_carrier_burst"),
+        "{plain:#?}"
+    );
 }
 
 #[tokio::test]
@@ -174,18 +328,41 @@ async fn long_calls_to_high_risk_ranges_warn_then_escalate_while_running() {
     let mut out = Vec::new();
     for (i, el) in [600.0, 2760.0, 4000.0, 5460.0].iter().enumerate() {
         out.extend(
-            r.call(0, "kvk:7", "outbound", "+31201234567", "+67077123456", "interim", 0, *el, Some("long-1"))
-                .await
-                .into_iter()
-                .map(|a| (i, a)),
+            r.call(
+                0,
+                "kvk:7",
+                "outbound",
+                "+31201234567",
+                "+67077123456",
+                "interim",
+                0,
+                *el,
+                Some("long-1"),
+            )
+            .await
+            .into_iter()
+            .map(|a| (i, a)),
         );
     }
-    let ld: Vec<_> = out.iter().filter(|(_, a)| rule(a) == "long_duration").collect();
+    let ld: Vec<_> = out
+        .iter()
+        .filter(|(_, a)| rule(a) == "long_duration")
+        .collect();
     assert_eq!(ld.len(), 2, "{ld:#?}");
-    assert_eq!((ld[0].0, ld[0].1.severity), (1, pb::Severity::Warning as i32));
-    assert_eq!((ld[1].0, ld[1].1.severity), (3, pb::Severity::Critical as i32));
+    assert_eq!(
+        (ld[0].0, ld[0].1.severity),
+        (1, pb::Severity::Warning as i32)
+    );
+    assert_eq!(
+        (ld[1].0, ld[1].1.severity),
+        (3, pb::Severity::Critical as i32)
+    );
     assert_eq!(ld[0].1.incident_id, ld[1].1.incident_id);
-    assert!(ld[1].1.summary.contains("still running"), "{}", ld[1].1.summary);
+    assert!(
+        ld[1].1.summary.contains("still running"),
+        "{}",
+        ld[1].1.summary
+    );
 }
 
 #[tokio::test]
@@ -194,11 +371,96 @@ async fn sequential_probing_of_one_block() {
     let mut out = Vec::new();
     for i in 0..16 {
         let callee = format!("+6757123450{:01}", i % 10);
-        let callee = if i < 10 { callee } else { format!("+675712345{i}") };
-        out.extend(r.call(i % 2, "kvk:scan", "outbound", "+31201234567", &callee, "end", i as i64 * 20, 3.0, None).await);
+        let callee = if i < 10 {
+            callee
+        } else {
+            format!("+675712345{i}")
+        };
+        out.extend(
+            r.call(
+                i % 2,
+                "kvk:scan",
+                "outbound",
+                "+31201234567",
+                &callee,
+                "end",
+                i as i64 * 20,
+                3.0,
+                None,
+            )
+            .await,
+        );
     }
-    let sp: Vec<_> = out.iter().filter(|a| rule(a) == "sequential_probe").collect();
+    let sp: Vec<_> = out
+        .iter()
+        .filter(|a| rule(a) == "sequential_probe")
+        .collect();
     assert!(!sp.is_empty(), "{out:#?}");
     assert_eq!(sp[0].severity, pb::Severity::Warning as i32);
     assert_eq!(sp.last().unwrap().severity, pb::Severity::Critical as i32);
+}
+
+#[tokio::test]
+async fn events_later_than_the_allowed_lateness_count_for_spend_but_open_no_window_incident() {
+    let mut rules = RulesConfig::default();
+    rules.spend_cap.hourly_cap_eur = "20.00".into();
+    let mut r = Rig::new(rules, "");
+    // Move both carriers' watermarks an hour ahead with unrelated calls.
+    for c in 0..2 {
+        r.call(
+            c,
+            "kvk:other",
+            "outbound",
+            "+31201234567",
+            "+31301234567",
+            "end",
+            3600,
+            30.0,
+            None,
+        )
+        .await;
+    }
+    // Another carrier's clock is independent: an early event there is not late.
+    let odido = r
+        .call(
+            2,
+            "kvk:x",
+            "outbound",
+            "+31201234567",
+            "+31301234567",
+            "end",
+            0,
+            30.0,
+            None,
+        )
+        .await;
+    assert!(odido.is_empty());
+    // Now a burst from an hour ago arrives: late (lateness is 5 min).
+    let mut out = Vec::new();
+    for i in 0..8 {
+        out.extend(
+            r.call(
+                i % 2,
+                "kvk:late",
+                "outbound",
+                "+31201234567",
+                "+67077123456",
+                "end",
+                i as i64 * 30,
+                120.0,
+                None,
+            )
+            .await,
+        );
+    }
+    assert!(
+        out.iter().all(|a| rule(a) != "multi_carrier_burst"),
+        "{out:#?}"
+    );
+    // ... but its spend still counts: 8 × 2 min × EUR 1.45 = EUR 23.20 > the EUR 20 hourly cap.
+    assert!(
+        out.iter()
+            .any(|a| rule(a) == "spend_cap" && a.severity == pb::Severity::Critical as i32),
+        "{out:#?}"
+    );
 }

@@ -59,6 +59,8 @@ pub struct StepReport {
     pub dead_letters: usize,
     /// Re-delivered events (no state change).
     pub duplicates: usize,
+    /// Events later than the allowed lateness.
+    pub late: usize,
 }
 
 /// Why a step failed (the batch is kept and retried).
@@ -82,6 +84,7 @@ pub struct Worker {
     metrics: Option<Metrics>,
     /// A polled batch not yet fully processed (retried after a failure).
     pending: Option<Vec<InRecord>>,
+    watermarks: tollguard_core::rules::Watermarks,
 }
 
 fn wall() -> i64 {
@@ -115,6 +118,7 @@ impl Worker {
             topics,
             metrics,
             pending: None,
+            watermarks: Default::default(),
         }
     }
 
@@ -144,6 +148,8 @@ impl Worker {
 
     async fn process(&mut self, batch: &[InRecord]) -> Result<StepReport, WorkerError> {
         let mut events = Vec::with_capacity(batch.len());
+        let mut late = Vec::with_capacity(batch.len());
+        let lateness = self.engine.detector().config().general.allowed_lateness_s as i64 * 1000;
         let mut parents = Vec::with_capacity(batch.len());
         let mut out = Vec::new();
         let mut report = StepReport {
@@ -153,6 +159,7 @@ impl Worker {
         for r in batch {
             match decode_event(&r.payload) {
                 Ok(e) => {
+                    late.push(self.watermarks.observe(r.partition, &e, lateness));
                     parents.push((
                         e.event_key(),
                         r.header(HEADER_TRACEPARENT).map(<[u8]>::to_vec),
@@ -178,11 +185,12 @@ impl Worker {
             }
         }
         let started = std::time::Instant::now();
-        let processed = self.engine.process(&events, wall()).await?;
+        let processed = self.engine.process(&events, &late, wall()).await?;
         if let Some(m) = &self.metrics {
             m.store_seconds.observe(started.elapsed().as_secs_f64());
         }
         report.duplicates = processed.duplicates;
+        report.late = processed.late;
         for a in &processed.alerts {
             let parent = parents
                 .iter()
@@ -222,6 +230,7 @@ impl Worker {
             m.events.inc_by(events.len() as u64);
             m.dead_letters.inc_by(report.dead_letters as u64);
             m.duplicates.inc_by(report.duplicates as u64);
+            m.late.inc_by(report.late as u64);
         }
         Ok(report)
     }

@@ -132,6 +132,8 @@ async fn run(cfg: CorrelatorConfig, det: Detector) -> anyhow::Result<()> {
     let mut last_hot = Instant::now() - Duration::from_secs(3600);
     let mut backoff = Duration::from_millis(100);
     tracing::info!(group = %cfg.group, "correlator consuming");
+    #[cfg(unix)]
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
     while !stop.is_cancelled() {
         if last_hot.elapsed() >= Duration::from_secs(cfg.hot_list_refresh_s) {
             match store.set_members("hot").await {
@@ -145,6 +147,17 @@ async fn run(cfg: CorrelatorConfig, det: Detector) -> anyhow::Result<()> {
         }
         let step = tokio::select! {
             _ = stop.cancelled() => break,
+            _ = hup.recv() => {
+                // Reload rules and policies; on any error keep the running ones.
+                match detector(&cfg) {
+                    Ok(d) => {
+                        worker.engine_mut().set_detector(d);
+                        tracing::info!("rules and policies reloaded (SIGHUP)");
+                    }
+                    Err(e) => tracing::error!(key = %e.key, reason = %e.reason, "reload failed; keeping the previous rules and policies"),
+                }
+                continue;
+            }
             r = worker.step(cfg.batch_max, timeout) => r,
         };
         match step {

@@ -25,6 +25,8 @@ pub struct Metrics {
     pub dead_letters: Counter,
     /// Re-delivered events.
     pub duplicates: Counter,
+    /// Events later than the allowed lateness.
+    pub late: Counter,
     /// Alerts by rule and severity.
     pub alerts: Family<AlertLabels, Counter>,
     /// Engine time per batch (window store round trips and rules).
@@ -38,6 +40,7 @@ impl Metrics {
             events: Counter::default(),
             dead_letters: Counter::default(),
             duplicates: Counter::default(),
+            late: Counter::default(),
             alerts: Family::default(),
             store_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
         };
@@ -55,6 +58,11 @@ impl Metrics {
             "correlator_duplicate_events",
             "Re-delivered events that changed nothing",
             m.duplicates.clone(),
+        );
+        reg.register(
+            "correlator_late_events",
+            "Events later than the allowed lateness (counted toward spend, not toward closed windows)",
+            m.late.clone(),
         );
         reg.register(
             "correlator_alerts",

@@ -158,6 +158,10 @@ pub struct Plan {
     range: Option<(usize, RangeIdx)>,
     wave: Option<(usize, WaveIdx)>,
     now: Millis,
+    /// The event arrived later than the allowed lateness: it still updates
+    /// state (cumulative spend counts it) but its closed windows raise
+    /// nothing new.
+    pub late: bool,
 }
 
 /// The consortium hot list: entries `number:<token value>` and
@@ -277,6 +281,11 @@ impl Detector {
     /// Replaces the hot list (refreshed from the store by the service).
     pub fn set_hot_list(&mut self, hot: HotList) {
         self.hot = Arc::new(hot);
+    }
+
+    /// Takes over another detector's hot list.
+    pub fn set_hot_list_from(&mut self, other: &Detector) {
+        self.hot = other.hot.clone();
     }
 
     /// Replaces the policies (SIGHUP reload).
@@ -609,6 +618,7 @@ impl Detector {
             range,
             wave,
             now,
+            late: false,
         }
     }
 
@@ -706,7 +716,7 @@ impl Detector {
             }
             // multi_carrier_burst
             let b = &cfg.multi_carrier_burst;
-            if b.enabled && ci.hr_calls.is_some() {
+            if b.enabled && ci.hr_calls.is_some() && !plan.late {
                 let calls = get(u, ci.hr_calls);
                 let spend = get(u, ci.hr_spend);
                 let lines = get(u, ci.hr_lines);
@@ -787,7 +797,7 @@ impl Detector {
             }
             // concurrency
             let c = &cfg.concurrency;
-            if c.enabled && ci.overlap.is_some() {
+            if c.enabled && ci.overlap.is_some() && !plan.late {
                 let ov = get(u, ci.overlap);
                 if ov.total > policy.channels {
                     let sev = if ov.total as f64 >= policy.channels as f64 * c.critical_factor {
@@ -830,7 +840,7 @@ impl Detector {
             }
             // sequential_probe
             let sp = &cfg.sequential_probe;
-            if sp.enabled && ci.probe.is_some() {
+            if sp.enabled && ci.probe.is_some() && !plan.late {
                 let g = get(u, ci.probe);
                 if g.total >= sp.warning_numbers {
                     let sev = if g.total >= sp.critical_numbers {
@@ -879,7 +889,7 @@ impl Detector {
         }
 
         // destination_convergence
-        if let Some((u, ri)) = plan.range {
+        if let Some((u, ri)) = plan.range.filter(|_| !plan.late) {
             let d = &cfg.destination_convergence;
             let cust = get(u, ri.customers);
             let carriers = active(&cust.by);
@@ -1006,6 +1016,7 @@ impl Detector {
         };
         if let Some((u, ri)) = plan.range
             && ri.callback.is_some()
+            && !plan.late
         {
             let hit = ri
                 .callback
@@ -1017,7 +1028,7 @@ impl Detector {
                 wangiri(remote, get(u, ri.wave), get(u, ri.callbacks), true);
             }
         }
-        if let Some((u, wi)) = plan.wave {
+        if let Some((u, wi)) = plan.wave.filter(|_| !plan.late) {
             wangiri(
                 &e.caller_info,
                 get(u, Some(wi.subscribers)),

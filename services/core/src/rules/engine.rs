@@ -60,6 +60,31 @@ pub struct Processed {
     confirms: Vec<StateWrite>,
     /// Events that were re-deliveries (every update a duplicate).
     pub duplicates: usize,
+    /// Events later than the allowed lateness behind the watermark.
+    pub late: usize,
+}
+
+/// Event-time watermarks per input lane: a lane is one carrier's events in
+/// one partition (each carrier's feed is ordered by its own clock and
+/// partitions progress independently, so lateness is judged per lane).
+#[derive(Debug, Default, Clone)]
+pub struct Watermarks {
+    lanes: HashMap<(i32, String), Millis>,
+}
+
+impl Watermarks {
+    /// Observes an event of `partition`; true if it is later than
+    /// `lateness_ms` behind its lane's watermark.
+    pub fn observe(&mut self, partition: i32, e: &CallEvent, lateness_ms: i64) -> bool {
+        let t = e.phase_time();
+        let wm = self
+            .lanes
+            .entry((partition, e.provider_id.clone()))
+            .or_insert(t);
+        let late = t < *wm - lateness_ms;
+        *wm = (*wm).max(t);
+        late
+    }
 }
 
 /// How long a pending claim of another replica is respected before this
@@ -185,6 +210,13 @@ impl Engine {
         Self { store, detector }
     }
 
+    /// Replaces rules and policies (e.g. on SIGHUP), keeping the hot list;
+    /// window state lives in the store and is untouched.
+    pub fn set_detector(&mut self, mut detector: Detector) {
+        detector.set_hot_list_from(&self.detector);
+        self.detector = detector;
+    }
+
     /// The detector (to refresh hot list or policies).
     pub fn detector_mut(&mut self) -> &mut Detector {
         &mut self.detector
@@ -200,14 +232,26 @@ impl Engine {
         &self.store
     }
 
-    /// Processes a batch of events (in order). `wall` is the wall clock in
+    /// Processes a batch of events (in order). `late[i]` marks events that
+    /// arrived later than the allowed lateness (see [`Watermarks`]); they
+    /// update state but open no window incident. `wall` is the wall clock in
     /// millis, used only for `published_at` and claim ages.
     pub async fn process(
         &self,
         events: &[CallEvent],
+        late: &[bool],
         wall: Millis,
     ) -> Result<Processed, StoreError> {
-        let plans: Vec<_> = events.iter().map(|e| self.detector.plan(e)).collect();
+        let plans: Vec<_> = events
+            .iter()
+            .enumerate()
+            .map(|(i, e)| {
+                let mut p = self.detector.plan(e);
+                p.late = late.get(i).copied().unwrap_or(false);
+                p
+            })
+            .collect();
+        let late = late.iter().filter(|l| **l).count();
         let updates: Vec<_> = plans
             .iter()
             .flat_map(|p| p.updates.iter().cloned())
@@ -227,6 +271,7 @@ impl Engine {
         }
         let mut out = self.incidents(findings, wall).await?;
         out.duplicates = duplicates;
+        out.late = late;
         Ok(out)
     }
 

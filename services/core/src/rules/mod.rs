@@ -7,4 +7,4 @@ pub mod engine;
 
 pub use config::{Policies, Policy, RulesConfig, Severity};
 pub use detect::{Detector, Finding, HotList, Rule};
-pub use engine::{Engine, Processed};
+pub use engine::{Engine, Processed, Watermarks};
