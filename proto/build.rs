@@ -11,6 +11,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "tollguard/v1/ingest.proto",
         "tollguard/v1/alert.proto",
         "tollguard/v1/alerts.proto",
+        "tollguard/v1/delivery.proto",
     ];
     tonic_prost_build::configure()
         .file_descriptor_set_path(out.join("tollguard_descriptor.bin"))

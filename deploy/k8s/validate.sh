@@ -11,8 +11,12 @@
 #   4. kube-score on every rendered manifest set (checks and exclusions in
 #      deploy/k8s/kube-score.conf);
 #   5. consistency: every workspace member is copied by the Dockerfile, the
-#      chart's default rules equal deploy/examples/rules.toml, the compose
-#      file and the Grafana dashboard parse.
+#      chart's default rules equal deploy/examples/rules.toml, the chart
+#      README documents values.yaml, the Grafana dashboard queries exactly the
+#      metrics the services register, deploy/compose/docker-compose.yml loads
+#      with compose-go (the loader of `docker compose`, built from
+#      deploy/compose/check), and the compose configs pass the binaries'
+#      --check-config when the binaries are built.
 #
 # kube-linter (golang.stackrox.io/kube-linter) is the usual tool for step 4,
 # but the Go module proxy reachable here does not serve that module path, so
@@ -36,6 +40,11 @@ HELM_VERSION=v3.22.0
 # helm's own Makefile does; without it helm assumes 1.20.
 HELM_K8S_MINOR=37
 KUBE_SCORE_VERSION=v1.20.0
+
+# The Go toolchain of this machine kind lives in /usr/local/go.
+if ! command -v go >/dev/null && [[ -x /usr/local/go/bin/go ]]; then
+  export PATH="/usr/local/go/bin:$PATH"
+fi
 
 CACHE="${TOLLGUARD_CACHE:-$HOME/.cache/tollguard}"
 GOBIN_DIR="$CACHE/gobin"
@@ -216,27 +225,68 @@ else fail "$CHART/files/rules.toml differs from deploy/examples/rules.toml (copy
 
 PY=$(command -v python3 || true)
 if [[ -n $PY ]]; then
-  step "compose file and Grafana dashboard parse"
-  if "$PY" - "$ROOT" <<'EOF' >&2; then pass; else fail "deploy/compose or deploy/grafana check"; fi
-import json, pathlib, sys
-root = pathlib.Path(sys.argv[1])
-dash = json.loads((root / "deploy/grafana/tollguard-dashboard.json").read_text())
-assert dash["panels"], "dashboard has no panels"
-try:
-    import yaml
-except ImportError:
-    print("PyYAML not installed: compose file only checked by deploy/compose/check.py when available")
-    sys.exit(0)
-compose = yaml.safe_load((root / "deploy/compose/docker-compose.yml").read_text())
-assert "services" in compose and compose["services"], "compose file has no services"
-for name, svc in compose["services"].items():
-    for vol in svc.get("volumes", []):
-        src = vol.split(":")[0] if isinstance(vol, str) else vol.get("source", "")
-        if src.startswith("./"):
-            p = root / "deploy/compose" / src
-            assert p.exists(), f"service {name}: mounted path {src} does not exist"
-print(f"compose: {len(compose['services'])} services; dashboard: {len(dash['panels'])} panels")
+  step "chart README documents the current values.yaml"
+  if "$PY" deploy/k8s/values_table.py --check; then pass
+  else fail "helm/tollguard/README.md parameters table is stale (python3 deploy/k8s/values_table.py)"; fi
+
+  step "Grafana dashboard: valid JSON, metric names exist in the services"
+  if "$PY" - <<'EOF' >&2; then pass; else fail "deploy/grafana/tollguard-dashboard.json"; fi
+import json, pathlib, re
+dash = json.loads(pathlib.Path("deploy/grafana/tollguard-dashboard.json").read_text())
+exprs = [t["expr"] for p in dash["panels"] for t in p.get("targets", [])]
+assert exprs, "no queries"
+# metrics registered by the services (prometheus-client, prefix tollguard_)
+registered = set()
+for f in pathlib.Path("services").rglob("*.rs"):
+    registered |= set(re.findall(r'register\(\s*"([a-z0-9_]+)"', f.read_text()))
+used = set()
+for e in exprs:
+    for m in re.findall(r"\btollguard_([a-z0-9_]+)", e):
+        used.add(re.sub(r"_(total|bucket|sum|count)$", "", m))
+unknown = used - registered
+assert not unknown, f"dashboard queries metrics no service registers: {sorted(unknown)}"
+missing = registered - used
+assert not missing, f"metrics with no dashboard panel: {sorted(missing)}"
+print(f"dashboard: {len(dash['panels'])} panels, {len(exprs)} queries over {len(used)} TollGuard metrics")
 EOF
+else
+  fail "python3 is missing (README table and dashboard checks)"
+fi
+
+# The compose file, loaded by compose-go (the loader of `docker compose`).
+step "docker-compose.yml (compose-go loader)"
+CHECK_SRC=deploy/compose/check
+check_stamp="$(cat "$CHECK_SRC/go.mod" "$CHECK_SRC/go.sum" "$CHECK_SRC/main.go" | sha256sum | cut -c1-16) $(go env GOVERSION 2>/dev/null)"
+if [[ ! -x $GOBIN_DIR/compose-check || "$(cat "$GOBIN_DIR/.compose-check.stamp" 2>/dev/null)" != "$check_stamp" ]]; then
+  t0=$(date +%s)
+  if (cd "$CHECK_SRC" && CGO_ENABLED=0 GOFLAGS=-buildvcs=false go build -trimpath -o "$GOBIN_DIR/compose-check" . >&2); then
+    printf '%s' "$check_stamp" > "$GOBIN_DIR/.compose-check.stamp"
+    step "compose-check built in $(( $(date +%s) - t0 ))s"
+  fi
+fi
+if [[ -x $GOBIN_DIR/compose-check ]] && "$GOBIN_DIR/compose-check" deploy/compose/docker-compose.yml >&2; then pass
+else fail "deploy/compose/docker-compose.yml"; fi
+
+# The compose setup's service configs, checked by the binaries themselves
+# when they are built (the Helm-rendered configs are checked the same way by
+# tests/helm_chart.rs).
+BIN_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/tollguard-target}/debug"
+if [[ -x $BIN_DIR/tollguard-ingester && -x $BIN_DIR/tollguard-correlator && -x $BIN_DIR/tollguard-notifier ]]; then
+  step "compose service configs pass --check-config"
+  key=$(mktemp); printf '%064d' 7 > "$key"
+  for cfg in deploy/compose/config/*.toml; do
+    svc=$(basename "$cfg" .toml); bin="tollguard-${svc%%-*}"
+    # the container paths of the key and of the mounted rules, moved here
+    envs=(TOLLGUARD_LOG_FORMAT=text)
+    grep -q '^key_file' "$cfg" && envs+=(TOLLGUARD__PSEUDONYMIZATION__KEY_FILE="$key")
+    grep -q '^rules_file' "$cfg" && envs+=(TOLLGUARD__RULES_FILE=deploy/examples/rules.toml)
+    grep -q '^policies_file' "$cfg" && envs+=(TOLLGUARD__POLICIES_FILE=deploy/examples/policies.toml)
+    if env "${envs[@]}" "$BIN_DIR/$bin" --check-config --config "$cfg" >"$OUT/check-$svc.log" 2>&1; then pass
+    else cat "$OUT/check-$svc.log" >&2; fail "$bin --check-config --config $cfg"; fi
+  done
+  rm -f "$key"
+else
+  say "note: service binaries not built in $BIN_DIR; compose configs not checked by --check-config (cargo build --workspace --bins)"
 fi
 
 # ---------------------------------------------------------------------------
@@ -245,9 +295,9 @@ total=$((passes + ${#failures[@]}))
 say "----------------------------------------------------------------"
 say "helm $HELM_VERSION, kube-score $KUBE_SCORE_VERSION; ${#scenarios[@]} scenarios; $(( $(date +%s) - started ))s"
 if [[ ${#failures[@]} -eq 0 ]]; then
-  say "validate: $passes passed, 0 failed"
+  echo "validate: $passes passed, 0 failed"
   exit 0
 fi
 for f in "${failures[@]}"; do say "  failed: $f"; done
-say "validate: $passes passed, ${#failures[@]} failed"
+echo "validate: $passes passed, ${#failures[@]} failed"
 exit 1

@@ -50,6 +50,10 @@ cargo clippy --workspace --all-targets --quiet -- -D warnings
 step "cargo build (binaries used by the end-to-end tests)"
 cargo build --workspace --bins --quiet
 
+step "Helm chart, compose and dashboard validation (helm lint/template, kube-score)"
+bash deploy/k8s/validate.sh
+export TOLLGUARD_HELM="${TOLLGUARD_HELM:-${TOLLGUARD_CACHE:-$HOME/.cache/tollguard}/gobin/helm}"
+
 step "cargo test"
 cargo test --workspace --no-fail-fast 2>&1 | tee "${TMPDIR:-/tmp}/tollguard-test.log"
 status=${PIPESTATUS[0]}

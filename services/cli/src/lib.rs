@@ -7,6 +7,7 @@
 pub mod common;
 pub mod demo;
 pub mod embedded;
+pub mod eval;
 pub mod input;
 pub mod replay;
 pub mod send;

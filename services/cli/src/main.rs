@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use tollguard_cli::{common::PipelineOpts, demo, replay, send, simulate};
+use tollguard_cli::{common::PipelineOpts, demo, eval, replay, send, simulate};
 use tollguard_core::number::{DialPlan, Normalizer};
 use tollguard_core::pseudo::{Key, Kind};
 use tollguard_core::tables::RiskTable;
@@ -33,6 +33,9 @@ enum Command {
     /// Run partner exports (JSONL or mapped CSV) through the embedded
     /// pipeline and print the alerts: "would TollGuard have caught this?"
     Replay(replay::ReplayArgs),
+    /// Run the labelled scenario suite and score detection (campaigns
+    /// caught, time to detect, false alarms per million benign calls).
+    Eval(eval::EvalArgs),
     /// Generate labelled consortium traffic (one JSONL file per carrier).
     Simulate(simulate::SimulateArgs),
     /// Stream a partner file to an ingester over gRPC.
@@ -95,6 +98,15 @@ fn main() -> ExitCode {
                     ExitCode::from(1)
                 } else {
                     ExitCode::SUCCESS
+                })
+            }
+            Command::Eval(args) => {
+                let r = eval::run(&args, &mut out).await?;
+                let all = r.campaigns.iter().all(|c| c.detected);
+                Ok(if all && r.false_critical_incidents == 0 {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::FAILURE
                 })
             }
             Command::Simulate(args) => {

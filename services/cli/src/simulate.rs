@@ -16,6 +16,8 @@ pub enum Preset {
     Consortium,
     /// Benign traffic only.
     Benign,
+    /// Every labelled campaign kind and benign look-alikes over a week.
+    Suite,
 }
 
 /// Arguments.
@@ -44,6 +46,7 @@ pub fn run(args: &SimulateArgs, err: &mut dyn Write) -> anyhow::Result<(usize, V
     let mut sc = match args.preset {
         Preset::Pbx2011 => Scenario::pbx2011(args.seed),
         Preset::Consortium => Scenario::consortium(args.seed),
+        Preset::Suite => Scenario::suite(args.seed),
         Preset::Benign => Scenario {
             pbx_hack: false,
             ..Scenario::pbx2011(args.seed)

@@ -159,3 +159,52 @@ async fn replay_reports_bad_lines_by_number_and_processes_the_rest() {
             .any(|a| a["rule"] == "multi_carrier_burst" && a["severity"] == "critical")
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eval_suite_catches_every_campaign_without_false_alarms() {
+    let dir = tempfile::tempdir().unwrap();
+    let args = tollguard_cli::eval::EvalArgs {
+        seed: 2011,
+        enterprises: 300,
+        json: Some(dir.path().join("report.json")),
+        svg: Some(dir.path().join("timeline.svg")),
+        pipeline: pipeline(),
+    };
+    let mut out = Vec::new();
+    let r = tollguard_cli::eval::run(&args, &mut out).await.unwrap();
+    let text = String::from_utf8(out).unwrap();
+    let kinds: Vec<&str> = r.campaigns.iter().map(|c| c.kind.as_str()).collect();
+    for k in [
+        "multi_carrier_pbx_hack",
+        "distributed_irsf",
+        "probe_then_pump",
+        "wangiri",
+        "concurrency_burst",
+        "slow_burn",
+    ] {
+        assert!(kinds.contains(&k), "suite lacks {k}");
+    }
+    for c in &r.campaigns {
+        assert!(c.detected, "{} not detected:\n{text}", c.campaign);
+    }
+    let pbx = r
+        .campaigns
+        .iter()
+        .find(|c| c.kind == "multi_carrier_pbx_hack")
+        .unwrap();
+    assert!(pbx.first_critical_s.unwrap() <= 300, "{text}");
+    assert_eq!(r.false_critical_incidents, 0, "{text}");
+    assert!(r.fp_per_million <= 1.0, "{text}");
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("report.json")).unwrap())
+            .unwrap();
+    assert_eq!(
+        json["campaigns"].as_array().unwrap().len(),
+        r.campaigns.len()
+    );
+    let svg = std::fs::read_to_string(dir.path().join("timeline.svg")).unwrap();
+    assert!(
+        svg.starts_with("<svg") && svg.contains("<circle"),
+        "timeline has alert marks"
+    );
+}

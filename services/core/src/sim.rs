@@ -133,6 +133,11 @@ pub struct Scenario {
     pub pbx_hack: bool,
     /// Include a distributed IRSF campaign.
     pub distributed_irsf: bool,
+    /// Include the rest of the evaluation suite: probing then pumping,
+    /// Wangiri with callbacks, a concurrency burst, a slow burn over days,
+    /// and benign look-alikes (a call centre, a customer with real ties to a
+    /// high-risk country).
+    pub suite: bool,
 }
 
 impl Scenario {
@@ -149,6 +154,18 @@ impl Scenario {
             interim_s: 300,
             pbx_hack: true,
             distributed_irsf: false,
+            suite: false,
+        }
+    }
+
+    /// The `suite` preset: every labelled campaign kind and the benign
+    /// look-alikes over a week (what `tollguard eval` scores).
+    pub fn suite(seed: u64) -> Self {
+        Self {
+            days: 7,
+            distributed_irsf: true,
+            suite: true,
+            ..Self::pbx2011(seed)
         }
     }
 
@@ -456,6 +473,14 @@ pub fn generate(sc: &Scenario) -> SimOutput {
     if sc.distributed_irsf {
         distributed_irsf(&mut g, &mut out, &ents);
     }
+    if sc.suite {
+        probe_then_pump(&mut g, &mut out);
+        wangiri(&mut g, &mut out, &ents);
+        concurrency_burst(&mut g, &mut out);
+        slow_burn(&mut g, &mut out);
+        call_centre(&mut g, &mut out);
+        real_ties(&mut g, &mut out);
+    }
     out.records.sort_by(|a, b| {
         a.at.cmp(&b.at)
             .then_with(|| a.record.event_id.cmp(&b.record.event_id))
@@ -591,4 +616,355 @@ pub fn utc(ms: Millis) -> chrono::DateTime<chrono::Utc> {
         .timestamp_millis_opt(ms)
         .single()
         .unwrap_or_default()
+}
+
+impl Gen {
+    /// An inbound call to `customer` from `caller_e164`, one END record.
+    #[allow(clippy::too_many_arguments)]
+    fn inbound(
+        &mut self,
+        out: &mut Vec<SimRecord>,
+        ci: usize,
+        customer: &str,
+        line: &str,
+        caller_e164: &str,
+        callee_e164: &str,
+        start: Millis,
+        duration: f64,
+    ) {
+        let c = self.sc.carriers[ci].clone();
+        self.seq += 1;
+        let call_id = format!("{}-c{:08}", c.id, self.seq);
+        let caller = self.format(&c, caller_e164);
+        let callee = self.format(&c, callee_e164);
+        out.push(SimRecord {
+            at: start + (duration * 1000.0) as i64,
+            provider: c.id.clone(),
+            record: RawRecord {
+                provider_id: Some(c.id.clone()),
+                event_id: Some(format!("{call_id}-0")),
+                call_id: Some(call_id),
+                phase: Some("end".into()),
+                customer_id: Some(customer.to_string()),
+                line_id: Some(line.to_string()),
+                caller: Some(caller),
+                callee: Some(callee),
+                direction: Some("inbound".into()),
+                start_time: Some(rfc3339(start)),
+                duration_s: Some(duration),
+                disposition: Some(
+                    if duration > 0.0 {
+                        "answered"
+                    } else {
+                        "no_answer"
+                    }
+                    .into(),
+                ),
+                ..Default::default()
+            },
+        });
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn label(
+    kind: &str,
+    campaign: &str,
+    customers: Vec<String>,
+    ranges: Vec<String>,
+    providers: Vec<String>,
+    first: Millis,
+    last: Millis,
+    rules: &[&str],
+) -> Label {
+    Label {
+        campaign: campaign.into(),
+        kind: kind.into(),
+        customers,
+        ranges,
+        providers,
+        start: rfc3339(first),
+        end: rfc3339(last),
+        start_ms: first,
+        expected_rules: rules.iter().map(|r| r.to_string()).collect(),
+    }
+}
+
+/// Local night hour `h` (Amsterdam summer time) of day `day` as UTC millis.
+fn local(sc: &Scenario, day: u32, hour: f64) -> Millis {
+    sc.start + day as i64 * 86_400_000 + ((hour - 2.0) * 3_600_000.0) as i64
+}
+
+/// Sequential probing of one Papua New Guinea block from a hacked PBX at one
+/// carrier, then pumping long calls into the block.
+fn probe_then_pump(g: &mut Gen, out: &mut SimOutput) {
+    let sc = g.sc.clone();
+    let ci = carrier_index(&sc, "odido");
+    let cust = "kvk:51230001";
+    let t0 = local(&sc, 1, 2.0 + 10.0 / 60.0);
+    let mut t = t0;
+    for i in 0..20 {
+        g.call(
+            &mut out.records,
+            ci,
+            Some(cust),
+            "kvk51230001-pbx-0",
+            "+31205550100",
+            &format!("+675712345{i:02}"),
+            t,
+            3.0,
+            false,
+        );
+        t += g.rng.random_range(15_000..40_000);
+    }
+    let pump_start = t + 120_000;
+    let mut last = t;
+    for ch in 0..4 {
+        let mut tc = pump_start + ch * 45_000;
+        while tc < pump_start + 3 * 3_600_000 {
+            let dur = g.rng.random_range(1200.0..2400.0f64).round();
+            let callee = format!("+675712345{:02}", g.rng.random_range(0..20));
+            g.call(
+                &mut out.records,
+                ci,
+                Some(cust),
+                "kvk51230001-pbx-0",
+                "+31205550100",
+                &callee,
+                tc,
+                dur,
+                true,
+            );
+            last = last.max(tc);
+            tc += (dur * 1000.0) as i64 + 5_000;
+        }
+    }
+    out.labels.push(label(
+        "probe_then_pump",
+        "probe-then-pump-png",
+        vec![cust.into()],
+        vec!["+67571".into()],
+        vec![sc.carriers[ci].id.clone()],
+        t0,
+        last,
+        &["sequential_probe", "long_duration", "spend_cap"],
+    ));
+}
+
+/// Wangiri: one-ring calls from Ivory Coast numbers to 40 customers at every
+/// carrier, then a few of them call back.
+fn wangiri(g: &mut Gen, out: &mut SimOutput, ents: &[Enterprise]) {
+    let sc = g.sc.clone();
+    let t0 = local(&sc, 2, 19.0);
+    let numbers: Vec<String> = (0..8).map(|_| g.number(&[("+22507", 8)])).collect();
+    let mut providers = std::collections::BTreeSet::new();
+    let mut victims = Vec::new();
+    for i in 0..40 {
+        let e = &ents[(i * 7 + 3) % ents.len()];
+        let ci = e.carriers[0];
+        let from = numbers[i % numbers.len()].clone();
+        g.inbound(
+            &mut out.records,
+            ci,
+            &e.id,
+            &format!("{}-pbx-0", e.id.replace(':', "")),
+            &from,
+            "+31301234567",
+            t0 + i as i64 * 40_000,
+            0.0,
+        );
+        providers.insert(sc.carriers[ci].id.clone());
+        victims.push((e.clone(), from));
+    }
+    let mut last = t0;
+    for (k, (e, from)) in victims.iter().take(6).enumerate() {
+        let start = t0 + 30 * 60_000 + k as i64 * 15 * 60_000;
+        let dur = g.rng.random_range(120.0..400.0f64).round();
+        g.call(
+            &mut out.records,
+            e.carriers[0],
+            Some(&e.id),
+            &format!("{}-pbx-1", e.id.replace(':', "")),
+            "+31301234567",
+            from,
+            start,
+            dur,
+            true,
+        );
+        last = start;
+    }
+    out.labels.push(label(
+        "wangiri",
+        "wangiri-ci",
+        victims.iter().map(|(e, _)| e.id.clone()).collect(),
+        vec!["+22507".into()],
+        providers.into_iter().collect(),
+        t0,
+        last,
+        &["wangiri"],
+    ));
+}
+
+/// A hacked PBX opens 70 simultaneous calls to UK personal numbers through
+/// two carriers.
+fn concurrency_burst(g: &mut Gen, out: &mut SimOutput) {
+    let sc = g.sc.clone();
+    let (a, b) = (carrier_index(&sc, "vodafone"), carrier_index(&sc, "odido"));
+    let cust = "kvk:51230002";
+    let t0 = local(&sc, 3, 21.0);
+    let mut last = t0;
+    for i in 0..70 {
+        let ci = if i % 2 == 0 { a } else { b };
+        let start = t0 + i as i64 * 4_000;
+        g.call(
+            &mut out.records,
+            ci,
+            Some(cust),
+            &format!("kvk51230002-trunk-{}", i % 2),
+            "+31105550100",
+            &format!("+4470{:08}", 10_000_000 + i),
+            start,
+            900.0,
+            true,
+        );
+        last = start;
+    }
+    out.labels.push(label(
+        "concurrency_burst",
+        "concurrency-uk070",
+        vec![cust.into()],
+        vec!["+4470".into()],
+        vec![sc.carriers[a].id.clone(), sc.carriers[b].id.clone()],
+        t0,
+        last,
+        &["concurrency"],
+    ));
+}
+
+/// A slow burn: three calls a night to an international network number for
+/// five nights, each too small to stand out.
+fn slow_burn(g: &mut Gen, out: &mut SimOutput) {
+    let sc = g.sc.clone();
+    let ci = carrier_index(&sc, "kpn");
+    let cust = "kvk:51230003";
+    let target = g.number(&[("+88213", 6)]);
+    let first = local(&sc, 1, 3.0);
+    let mut last = first;
+    for day in 1..6u32 {
+        for k in 0..3 {
+            let start = local(&sc, day, 3.0 + k as f64 * 0.7);
+            let dur = g.rng.random_range(480.0..900.0f64).round();
+            g.call(
+                &mut out.records,
+                ci,
+                Some(cust),
+                "kvk51230003-pbx-0",
+                "+31205550300",
+                &target,
+                start,
+                dur,
+                true,
+            );
+            last = start;
+        }
+    }
+    out.labels.push(label(
+        "slow_burn",
+        "slow-burn-882",
+        vec![cust.into()],
+        vec!["+88213".into()],
+        vec![sc.carriers[ci].id.clone()],
+        first,
+        last,
+        &["spend_cap"],
+    ));
+}
+
+/// Benign look-alike: a call centre with heavy legitimate international
+/// traffic at two carriers.
+fn call_centre(g: &mut Gen, out: &mut SimOutput) {
+    let sc = g.sc.clone();
+    let (a, b) = (carrier_index(&sc, "kpn"), carrier_index(&sc, "bt"));
+    let cust = "kvk:61230001";
+    let dests: &[(&str, usize)] = &[
+        ("+4420", 8),
+        ("+4930", 8),
+        ("+331", 8),
+        ("+1212555", 4),
+        ("+3491", 7),
+        ("+23480", 8),
+        ("+9122", 8),
+    ];
+    for day in 0..sc.days {
+        for _ in 0..600 {
+            let start = local(&sc, day, g.rng.random_range(8.0..20.0));
+            let ci = if g.rng.random_bool(0.5) { a } else { b };
+            let callee = g.number(dests);
+            let dur = exp(&mut g.rng, 240.0).clamp(10.0, 1800.0).round();
+            let line = format!("kvk61230001-agent-{}", g.rng.random_range(0..40));
+            g.call(
+                &mut out.records,
+                ci,
+                Some(cust),
+                &line,
+                "+31205559000",
+                &callee,
+                start,
+                dur,
+                true,
+            );
+        }
+    }
+    out.labels.push(label(
+        "benign_lookalike",
+        "call-centre",
+        vec![cust.into()],
+        vec![],
+        vec![],
+        sc.start,
+        sc.start,
+        &[],
+    ));
+}
+
+/// Benign look-alike: a company with an office in Papua New Guinea that calls
+/// it every business day through both its carriers.
+fn real_ties(g: &mut Gen, out: &mut SimOutput) {
+    let sc = g.sc.clone();
+    let (a, b) = (carrier_index(&sc, "kpn"), carrier_index(&sc, "vodafone"));
+    let cust = "kvk:61230002";
+    let office: Vec<String> = (0..3).map(|_| g.number(&[("+6753", 6)])).collect();
+    for day in 0..sc.days {
+        // Office calls on working days (the scenario starts on a Wednesday).
+        if matches!((day + 2) % 7, 5 | 6) {
+            continue;
+        }
+        for _ in 0..8 {
+            let start = local(&sc, day, g.rng.random_range(8.0..11.0));
+            let ci = if g.rng.random_bool(0.5) { a } else { b };
+            let callee = office[g.rng.random_range(0..office.len())].clone();
+            let dur = exp(&mut g.rng, 300.0).clamp(20.0, 2400.0).round();
+            g.call(
+                &mut out.records,
+                ci,
+                Some(cust),
+                "kvk61230002-pbx-0",
+                "+31205559100",
+                &callee,
+                start,
+                dur,
+                true,
+            );
+        }
+    }
+    out.labels.push(label(
+        "benign_lookalike",
+        "png-office",
+        vec![cust.into()],
+        vec!["+6753".into()],
+        vec![],
+        sc.start,
+        sc.start,
+        &[],
+    ));
 }

@@ -14,15 +14,23 @@ pub const EXIT_CONFIG: i32 = 64;
 /// Environment prefix of overrides.
 pub const ENV_PREFIX: &str = "TOLLGUARD__";
 
-/// Parses an override value: TOML scalar/array syntax if it parses as one
-/// (`5`, `true`, `1.5`, `["a","b"]`), else a plain string.
+/// Parses an override value: a TOML integer, float, boolean or array when
+/// the text is exactly such a literal (its canonical form round-trips:
+/// `5`, `true`, `1.5`, `["a","b"]`), else the plain string. So secrets such
+/// as `1e3`, `0x1F`, `007` or `1_000` arrive unchanged.
 fn parse_value(raw: &str) -> toml::Value {
     let doc = format!("v = {raw}");
-    match toml::from_str::<toml::Table>(&doc) {
-        Ok(mut t) => t
-            .remove("v")
-            .unwrap_or_else(|| toml::Value::String(raw.into())),
-        Err(_) => toml::Value::String(raw.to_string()),
+    let parsed = toml::from_str::<toml::Table>(&doc)
+        .ok()
+        .and_then(|mut t| t.remove("v"));
+    match parsed {
+        Some(v @ toml::Value::Array(_)) if raw.trim_start().starts_with('[') => v,
+        Some(v @ (toml::Value::Integer(_) | toml::Value::Float(_) | toml::Value::Boolean(_)))
+            if v.to_string() == raw && v.as_float().is_none_or(f64::is_finite) =>
+        {
+            v
+        }
+        _ => toml::Value::String(raw.to_string()),
     }
 }
 
@@ -166,5 +174,22 @@ mod tests {
         let e = load_with_env::<Cfg>(None, vec![("TOLLGUARD__KAFKA__BOGUS".into(), "1".into())])
             .unwrap_err();
         assert_eq!(e.key, "kafka.bogus");
+    }
+
+    #[test]
+    fn override_values_that_only_look_numeric_stay_strings() {
+        for raw in [
+            "1e3", "0x1F", "007", "1_000", "1.50", "+5", "inf", "nan", "hunter2",
+        ] {
+            assert_eq!(parse_value(raw), toml::Value::String(raw.into()), "{raw}");
+        }
+        assert_eq!(parse_value("12"), toml::Value::Integer(12));
+        assert_eq!(parse_value("-3"), toml::Value::Integer(-3));
+        assert_eq!(parse_value("1.5"), toml::Value::Float(1.5));
+        assert_eq!(parse_value("true"), toml::Value::Boolean(true));
+        assert!(matches!(
+            parse_value("[\"a\", \"b\"]"),
+            toml::Value::Array(_)
+        ));
     }
 }

@@ -1,158 +1,221 @@
-//! The Redis window store.
+//! The Redis implementation of the core's [`WindowStore`] (DESIGN §5, STYLE
+//! "Redis the careful way").
 //!
-//! One Lua script applies a whole [`Update`] atomically: the event's dedupe
-//! marker (`SET NX PX`) decides whether the writes run; reads always run.
-//! All keys of an update share the `{<scope>}` hash tag, so the script is
-//! valid on Redis Cluster. A batch of updates is one pipelined round trip of
-//! `EVALSHA`s over one multiplexed [`ConnectionManager`] (cloned per call).
+//! * **One connection.** A single multiplexed, auto-reconnecting
+//!   [`ConnectionManager`] (or a [`ClusterConnection`] for Redis Cluster),
+//!   cloned per call; never a connection per request.
+//! * **One script per update.** The Lua script `APPLY` applies a whole
+//!   [`Update`] atomically: the dedupe marker (`SET NX PX`) decides whether
+//!   the writes run, reads always run, and every key written gets its TTL.
+//!   Its `KEYS` are the marker and the op keys, all under the scope's
+//!   `{<tag>}`, so they share one Cluster hash slot.
+//! * **One round trip per batch.** [`WindowStore::apply`] sends the batch as
+//!   one pipeline of `EVALSHA`s. The script is loaded at connect; when the
+//!   server has lost it (`NOSCRIPT` after a restart or `SCRIPT FLUSH`), it is
+//!   loaded again and only the updates that failed are re-sent — an update
+//!   that ran is never sent twice, so none is wrongly reported as duplicate.
+//!   On a cluster the batch is split per scope (a pipeline must stay in one
+//!   slot) and the pipelines run concurrently; updates of different scopes
+//!   touch disjoint keys, so their relative order is unobservable.
 //!
-//! Numbers cross into Lua as doubles: timestamps (ms, 13 digits) and
-//! micro-EUR amounts below 10^14 per call are exact; constants are passed
-//! through as the caller's decimal strings.
+//! The semantics are exactly those of [`MemoryStore`]
+//! (`tests/store_suite.rs` checks both stores against each other).
+//!
+//! **Number range.** Lua numbers are doubles: integers are exact up to 2^53
+//! (≈ 9·10^15). Millisecond timestamps (≈ 1.7·10^12), bucket indices and
+//! micro-EUR amounts fit with room to spare; an update carrying a larger
+//! integer is refused with [`StoreError::Protocol`] rather than silently
+//! rounded. Sums computed inside the script share that bound.
+//!
+//! **Errors.** Connection, I/O, timeout and transient server states
+//! (LOADING, TRYAGAIN, CLUSTERDOWN, MASTERDOWN, READONLY, OOM, BUSY, MOVED…)
+//! are [`StoreError::Unavailable`]; anything else the server answers that
+//! the store cannot interpret is [`StoreError::Protocol`]. If a batch fails
+//! part-way, the updates that did run stay applied: a retry of the batch
+//! sees them as duplicates (their reads are still answered), which is the
+//! at-least-once contract of the dedupe marker. Requires Redis ≥ 6.2
+//! (`ZADD GT`).
+//!
+//! [`MemoryStore`]: tollguard_core::store::MemoryStore
+//! [`ClusterConnection`]: redis::cluster_async::ClusterConnection
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
+use std::time::Duration;
 
 use async_trait::async_trait;
-use redis::aio::ConnectionManager;
-use redis::{RedisError, Value};
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::cluster_async::ClusterConnection;
+use redis::{Cmd, ErrorKind, RedisError, RedisFuture, RetryMethod, Script, Value};
 use tollguard_core::StoreError;
 use tollguard_core::store::{
     Groups, Op, OpResult, Outcome, Scope, StateWrite, Update, Val, WindowStore,
 };
 
-/// Applies one update. KEYS[1] = dedupe marker, KEYS[2..] = op keys.
-/// ARGV[1] = ttl ms, ARGV[2] = op count, then per op: code, key index, args.
+/// Applies one [`Update`] atomically. See the header comment for its
+/// calling convention; [`RedisStore`] builds the arguments in `encode`.
 const APPLY: &str = r#"
+-- TollGuard: apply one window-store update atomically (redis_store.rs).
+-- KEYS[1]   the update's dedupe marker; KEYS[2..] every key its ops touch
+--           (all under the scope's {tag}: one hash slot, Cluster-safe).
+-- ARGV[1]   TTL in ms of the marker and of every scope key written.
+-- ARGV[2..] the ops, one after another: op code, index of its key in KEYS,
+--           then the op's parameters (listed at each branch below).
+-- Reply     { duplicate 1|0, result of op 1, result of op 2, ... }, each an
+--           integer (CallMax, Has; 0 for the other writes) or, for Sum,
+--           Distinct and Overlap, a flat { total, group, n, group, n, ... }.
+-- Numbers are Lua doubles, exact up to 2^53; arguments are copied to Redis
+-- as the caller's decimal strings wherever possible.
+
 local ttl = ARGV[1]
+-- The marker decides: a re-delivered event skips every write; reads run.
 local dup = not redis.call('SET', KEYS[1], '1', 'NX', 'PX', ttl)
-local res = { dup and 1 or 0 }
-local ints = {}
-local i = 3
-local function split_group(s)
+
+local pos = 1 -- ARGV cursor
+local function take(n) -- the next n arguments, in order
+  local first = pos + 1
+  pos = pos + n
+  return unpack(ARGV, first, pos)
+end
+
+-- 'a|b|c' -> 'a', 'b|c' (split at the first '|'); no '|' -> nil, s
+local function split(s)
   local p = string.find(s, '|', 1, true)
   if p then return string.sub(s, 1, p - 1), string.sub(s, p + 1) end
   return nil, s
 end
-local function grouped(total, by, order)
-  local out = { total }
-  for _, g in ipairs(order) do out[#out + 1] = g; out[#out + 1] = by[g] end
+
+-- A grouped result: a total plus a count per group, in first-seen order.
+local function new_groups() return { total = 0, by = {}, order = {} } end
+local function add_to(g, name, n)
+  if g.by[name] == nil then g.by[name] = 0; g.order[#g.order + 1] = name end
+  g.by[name] = g.by[name] + n
+end
+local function flat(g)
+  local out = { g.total }
+  for _, name in ipairs(g.order) do
+    out[#out + 1] = name
+    out[#out + 1] = g.by[name]
+  end
   return out
 end
-for op = 1, tonumber(ARGV[2]) do
-  local code = ARGV[i]
-  local k = KEYS[tonumber(ARGV[i + 1])]
+
+-- A span is stored as 'start,end,closed(1|0),group'.
+local function span(v)
+  local s, e, c, g = string.match(v, '^([^,]*),([^,]*),([01]),(.*)$')
+  return s, e, c, g
+end
+
+local ints = {} -- integer result of each op, for Val::Ref and `when`
+local function int_of(i) return ints[tonumber(i) + 1] or 0 end -- i is 0-based
+
+local res = { dup and 1 or 0 }
+local n = 0
+while pos < #ARGV do
+  n = n + 1
+  local code, ki = take(2)
+  local key = KEYS[tonumber(ki)]
   local r = 0
-  if code == 'M' then -- CallMax: field, value, ttl
+  if code == 'M' then -- CallMax: field, value, ttl of the call key
+    local field, v, call_ttl = take(3)
     if not dup then
-      local old = tonumber(redis.call('HGET', k, ARGV[i + 2]) or '0')
-      local v = tonumber(ARGV[i + 3])
-      if v > old then
-        redis.call('HSET', k, ARGV[i + 2], ARGV[i + 3])
-        r = v - old
+      local old = tonumber(redis.call('HGET', key, field) or '0')
+      if tonumber(v) > old then
+        r = tonumber(v) - old
+        redis.call('HSET', key, field, v)
       end
-      redis.call('PEXPIRE', k, ARGV[i + 4])
+      redis.call('PEXPIRE', key, call_ttl)
     end
-    ints[op] = r
-    i = i + 5
-  elseif code == 'A' then -- Add: bucket, group, kind(c|r), value, when(-|index)
-    local d = tonumber(ARGV[i + 5])
-    if ARGV[i + 4] == 'r' then d = ints[d + 1] or 0 end
-    local enabled = ARGV[i + 6] == '-' or (ints[tonumber(ARGV[i + 6]) + 1] or 0) ~= 0
-    if not dup and d ~= 0 and enabled then
-      redis.call('HINCRBY', k, ARGV[i + 2] .. '|' .. ARGV[i + 3], d)
-      redis.call('PEXPIRE', k, ttl)
+    ints[n] = r
+  elseif code == 'A' then -- Add: bucket, group, '=' value | '@' op, when ('' | op)
+    local bucket, group, kind, v, when = take(5)
+    local d = v -- a constant goes to Redis exactly as the caller wrote it
+    if kind == '@' then d = string.format('%d', int_of(v)) end
+    local enabled = when == '' or int_of(when) ~= 0
+    if not dup and tonumber(d) ~= 0 and enabled then
+      redis.call('HINCRBY', key, bucket .. '|' .. group, d)
+      redis.call('PEXPIRE', key, ttl)
     end
-    i = i + 7
   elseif code == 'S' then -- Sum: from, to, prune_before
-    local from, to, pb = tonumber(ARGV[i + 2]), tonumber(ARGV[i + 3]), tonumber(ARGV[i + 4])
-    local total, by, order = 0, {}, {}
-    local h = redis.call('HGETALL', k)
+    local from, to, prune = take(3)
+    from, to, prune = tonumber(from), tonumber(to), tonumber(prune)
+    local g = new_groups()
+    local h = redis.call('HGETALL', key)
     for j = 1, #h, 2 do
-      local bs, g = split_group(h[j])
-      if bs == nil then bs, g = h[j], '' end
-      local b = tonumber(bs) or -math.huge
-      if b < pb then
-        redis.call('HDEL', k, h[j])
+      local b, group = split(h[j])
+      if b == nil then b, group = h[j], '' end
+      b = tonumber(b) or -math.huge
+      if b < prune then
+        redis.call('HDEL', key, h[j])
       elseif b >= from and b <= to then
         local v = tonumber(h[j + 1])
-        total = total + v
-        if by[g] == nil then by[g] = 0; order[#order + 1] = g end
-        by[g] = by[g] + v
+        g.total = g.total + v
+        add_to(g, group, v)
       end
     end
-    r = grouped(total, by, order)
-    i = i + 5
-  elseif code == 'K' then -- Mark: group, id, ts
+    r = flat(g)
+  elseif code == 'K' then -- Mark: group, id, ts (the latest ts is kept)
+    local group, id, ts = take(3)
     if not dup then
-      local m = ARGV[i + 2] .. '|' .. ARGV[i + 3]
-      local cur = redis.call('ZSCORE', k, m)
-      if (not cur) or tonumber(cur) < tonumber(ARGV[i + 4]) then
-        redis.call('ZADD', k, ARGV[i + 4], m)
-      end
-      redis.call('PEXPIRE', k, ttl)
+      redis.call('ZADD', key, 'GT', ts, group .. '|' .. id)
+      redis.call('PEXPIRE', key, ttl)
     end
-    i = i + 5
   elseif code == 'D' then -- Distinct: since, prune_before
-    redis.call('ZREMRANGEBYSCORE', k, '-inf', '(' .. ARGV[i + 3])
-    local ms = redis.call('ZRANGEBYSCORE', k, ARGV[i + 2], '+inf')
-    local ids, n, by, order = {}, 0, {}, {}
-    for _, m in ipairs(ms) do
-      local g, id = split_group(m)
-      if g == nil then g = '' end
-      if not ids[id] then ids[id] = true; n = n + 1 end
-      if by[g] == nil then by[g] = 0; order[#order + 1] = g end
-      by[g] = by[g] + 1
+    local since, prune = take(2)
+    redis.call('ZREMRANGEBYSCORE', key, '-inf', '(' .. prune)
+    local g, seen = new_groups(), {}
+    for _, m in ipairs(redis.call('ZRANGEBYSCORE', key, since, '+inf')) do
+      local group, id = split(m)
+      if not seen[id] then seen[id] = true; g.total = g.total + 1 end
+      add_to(g, group or '', 1)
     end
-    r = grouped(n, by, order)
-    i = i + 4
+    r = flat(g)
   elseif code == 'H' then -- Has: group, id, since
-    local sc = redis.call('ZSCORE', k, ARGV[i + 2] .. '|' .. ARGV[i + 3])
-    if sc and tonumber(sc) >= tonumber(ARGV[i + 4]) then r = 1 end
-    ints[op] = r
-    i = i + 5
-  elseif code == 'P' then -- Span: id, group, start, end, closed
+    local group, id, since = take(3)
+    local ts = redis.call('ZSCORE', key, group .. '|' .. id)
+    if ts and tonumber(ts) >= tonumber(since) then r = 1 end
+    ints[n] = r
+  elseif code == 'P' then -- Span: id, group, start, end, closed (1|0)
+    local id, group, s, e, c = take(5)
     if not dup then
-      local st, en, cl, g = tonumber(ARGV[i + 4]), tonumber(ARGV[i + 5]), ARGV[i + 6], ARGV[i + 3]
-      local cur = redis.call('HGET', k, ARGV[i + 2])
-      if cur then
-        local a, b, c, og = string.match(cur, '^([^,]+),([^,]+),([^,]+),(.*)$')
-        st = math.min(st, tonumber(a))
-        en = math.max(en, tonumber(b))
-        if c == '1' then cl = '1' end
-        g = og
+      local cur = redis.call('HGET', key, id)
+      if cur then -- union: earliest start, latest end, closed sticks, first group
+        local os, oe, oc, og = span(cur)
+        if tonumber(os) < tonumber(s) then s = os end
+        if tonumber(oe) > tonumber(e) then e = oe end
+        if oc == '1' then c = '1' end
+        group = og
       end
-      redis.call('HSET', k, ARGV[i + 2], string.format('%d,%d,%s,%s', st, en, cl, g))
-      redis.call('PEXPIRE', k, ttl)
+      redis.call('HSET', key, id, s .. ',' .. e .. ',' .. c .. ',' .. group)
+      redis.call('PEXPIRE', key, ttl)
     end
-    i = i + 7
   elseif code == 'O' then -- Overlap: at, open_horizon, prune_before
-    local at, hz, pb = tonumber(ARGV[i + 2]), tonumber(ARGV[i + 3]), tonumber(ARGV[i + 4])
-    local total, by, order = 0, {}, {}
-    local h = redis.call('HGETALL', k)
+    local at, horizon, prune = take(3)
+    at, horizon, prune = tonumber(at), tonumber(horizon), tonumber(prune)
+    local g = new_groups()
+    local h = redis.call('HGETALL', key)
     for j = 1, #h, 2 do
-      local a, b, c, g = string.match(h[j + 1], '^([^,]+),([^,]+),([^,]+),(.*)$')
-      local st, en = tonumber(a), tonumber(b)
-      local untl = en
-      if c ~= '1' then untl = en + hz end
-      if untl < pb then
-        redis.call('HDEL', k, h[j])
-      elseif st <= at and at <= untl then
-        total = total + 1
-        if by[g] == nil then by[g] = 0; order[#order + 1] = g end
-        by[g] = by[g] + 1
+      local s, e, c, group = span(h[j + 1])
+      local untl = tonumber(e)
+      if c ~= '1' then untl = untl + horizon end
+      if untl < prune then
+        redis.call('HDEL', key, h[j])
+      elseif tonumber(s) <= at and at <= untl then
+        g.total = g.total + 1
+        add_to(g, group, 1)
       end
     end
-    r = grouped(total, by, order)
-    i = i + 5
+    r = flat(g)
   else
-    return redis.error_reply('unknown op ' .. tostring(code))
+    return redis.error_reply('ERR tollguard apply: unknown op code ' .. tostring(code))
   end
   res[#res + 1] = r
 end
 return res
 "#;
 
-/// Compare-and-set of a state value. ARGV: has_expect(0|1), expect, value, ttl.
+/// Compare-and-set of one state value.
+/// KEYS[1] = the state key; ARGV = expect present (1|0), expected value,
+/// new value, TTL in ms. Returns 1 if written.
 const CAS: &str = r#"
 local cur = redis.call('GET', KEYS[1])
 if (ARGV[1] == '0' and not cur) or (ARGV[1] == '1' and cur == ARGV[2]) then
@@ -162,103 +225,392 @@ end
 return 0
 "#;
 
+/// Largest integer magnitude that crosses into Lua exactly (2^53).
+const LUA_EXACT: u64 = 1 << 53;
+
+/// How often one batch re-loads the script after `NOSCRIPT` before giving up.
+const NOSCRIPT_RELOADS: usize = 2;
+
+/// The connection: one node through a [`ConnectionManager`], or a cluster.
+#[derive(Clone)]
+enum Conn {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Conn::Single(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        cmd: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Conn::Single(c) => c.req_packed_commands(cmd, offset, count),
+            Conn::Cluster(c) => c.req_packed_commands(cmd, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Single(c) => c.get_db(),
+            Conn::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
 /// The Redis implementation of [`WindowStore`].
 #[derive(Clone)]
 pub struct RedisStore {
-    conn: ConnectionManager,
+    conn: Conn,
     prefix: String,
-    apply: redis::Script,
-    cas: redis::Script,
+    apply: Script,
+    cas: Script,
 }
 
 impl std::fmt::Debug for RedisStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mode = match self.conn {
+            Conn::Single(_) => "single",
+            Conn::Cluster(_) => "cluster",
+        };
         f.debug_struct("RedisStore")
+            .field("mode", &mode)
             .field("prefix", &self.prefix)
             .finish_non_exhaustive()
     }
 }
 
-fn err(e: RedisError) -> StoreError {
-    if e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() || e.is_timeout() {
+/// Maps a client error: transient conditions are `Unavailable` (retry),
+/// the rest `Protocol`.
+fn store_err(e: RedisError) -> StoreError {
+    let transient = e.is_io_error()
+        || e.is_connection_dropped()
+        || e.is_connection_refusal()
+        || e.is_timeout()
+        || !matches!(e.retry_method(), RetryMethod::NoRetry)
+        || matches!(e.kind(), ErrorKind::ReadOnly)
+        || matches!(
+            e.code(),
+            Some("OOM" | "BUSY" | "MISCONF" | "NOREPLICAS" | "LOADING")
+        );
+    if transient {
         StoreError::Unavailable(e.to_string())
     } else {
         StoreError::Protocol(e.to_string())
     }
 }
 
+fn protocol(what: impl Into<String>) -> StoreError {
+    StoreError::Protocol(what.into())
+}
+
 fn int(v: &Value) -> Result<i64, StoreError> {
     match v {
         Value::Int(i) => Ok(*i),
-        other => Err(StoreError::Protocol(format!(
-            "expected an integer, got {other:?}"
-        ))),
+        other => Err(protocol(format!("expected an integer, got {other:?}"))),
     }
 }
 
 fn text(v: &Value) -> Result<String, StoreError> {
     match v {
-        Value::BulkString(b) => Ok(String::from_utf8_lossy(b).into_owned()),
+        Value::BulkString(b) => String::from_utf8(b.clone())
+            .map_err(|_| protocol("group name is not UTF-8".to_string())),
         Value::SimpleString(s) => Ok(s.clone()),
-        Value::Int(i) => Ok(i.to_string()),
-        other => Err(StoreError::Protocol(format!(
-            "expected a string, got {other:?}"
-        ))),
+        other => Err(protocol(format!("expected a string, got {other:?}"))),
     }
 }
 
+/// Decodes `{ total, group, n, group, n, ... }`.
 fn groups(v: &Value) -> Result<Groups, StoreError> {
     let Value::Array(items) = v else {
-        return Err(StoreError::Protocol(format!(
-            "expected an array, got {v:?}"
-        )));
+        return Err(protocol(format!("expected a group array, got {v:?}")));
     };
+    let Some((total, pairs)) = items.split_first() else {
+        return Err(protocol("empty group array"));
+    };
+    if pairs.len() % 2 != 0 {
+        return Err(protocol("odd group array"));
+    }
     let mut g = Groups {
-        total: int(items
-            .first()
-            .ok_or_else(|| StoreError::Protocol("empty group reply".into()))?)?,
-        ..Default::default()
+        total: int(total)?,
+        ..Groups::default()
     };
-    for pair in items[1..].chunks(2) {
-        if let [k, v] = pair {
-            g.by.insert(text(k)?, int(v)?);
-        }
+    for pair in pairs.chunks_exact(2) {
+        g.by.insert(text(&pair[0])?, int(&pair[1])?);
     }
     Ok(g)
 }
 
+/// One update, encoded for [`APPLY`].
+#[derive(Debug)]
+struct Encoded {
+    /// Hash tag of the scope (the cluster slot).
+    tag: String,
+    keys: Vec<String>,
+    args: Vec<String>,
+}
+
+impl Encoded {
+    fn evalsha(&self, sha: &str) -> Cmd {
+        let mut c = redis::cmd("EVALSHA");
+        c.arg(sha)
+            .arg(self.keys.len())
+            .arg(&self.keys)
+            .arg(&self.args);
+        c
+    }
+}
+
+/// Builds `KEYS`/`ARGV` of one update.
+struct Encoder<'a> {
+    prefix: &'a str,
+    scope: &'a Scope,
+    names: Vec<&'a str>,
+    keys: Vec<String>,
+    args: Vec<String>,
+}
+
+impl<'a> Encoder<'a> {
+    /// Op code and the (1-based) `KEYS` index of `name`, added once.
+    fn op(&mut self, code: &str, name: &'a str) {
+        let idx = match self.names.iter().position(|n| *n == name) {
+            Some(i) => i + 2,
+            None => {
+                self.names.push(name);
+                self.keys.push(self.scope.key(self.prefix, name));
+                self.keys.len()
+            }
+        };
+        self.args.push(code.to_string());
+        self.args.push(idx.to_string());
+    }
+
+    fn s(&mut self, v: &str) {
+        self.args.push(v.to_string());
+    }
+
+    fn i(&mut self, v: i64) -> Result<(), StoreError> {
+        if v.unsigned_abs() > LUA_EXACT {
+            return Err(protocol(format!(
+                "integer {v} exceeds 2^53, the exact range of the Redis store's Lua script"
+            )));
+        }
+        self.args.push(v.to_string());
+        Ok(())
+    }
+}
+
+fn encode(prefix: &str, u: &Update) -> Result<Encoded, StoreError> {
+    let marker = u.scope.key(prefix, &format!("ev:{}", u.dedupe));
+    let mut e = Encoder {
+        prefix,
+        scope: &u.scope,
+        names: Vec::with_capacity(u.ops.len()),
+        keys: vec![marker],
+        args: Vec::with_capacity(1 + 6 * u.ops.len()),
+    };
+    e.i(u.ttl_ms.max(1))?;
+    for op in &u.ops {
+        match op {
+            Op::CallMax {
+                key,
+                field,
+                value,
+                ttl_ms,
+            } => {
+                e.op("M", key);
+                e.s(field);
+                e.i(*value)?;
+                e.i((*ttl_ms).max(1))?;
+            }
+            Op::Add {
+                key,
+                bucket,
+                group,
+                delta,
+                when,
+            } => {
+                e.op("A", key);
+                e.i(*bucket)?;
+                e.s(group);
+                match delta {
+                    Val::Const(v) => {
+                        e.s("=");
+                        e.i(*v)?;
+                    }
+                    Val::Ref(i) => {
+                        e.s("@");
+                        e.s(&i.to_string());
+                    }
+                }
+                e.s(&when.map(|w| w.to_string()).unwrap_or_default());
+            }
+            Op::Sum {
+                key,
+                from,
+                to,
+                prune_before,
+            } => {
+                e.op("S", key);
+                e.i(*from)?;
+                e.i(*to)?;
+                e.i(*prune_before)?;
+            }
+            Op::Mark { key, group, id, ts } => {
+                e.op("K", key);
+                e.s(group);
+                e.s(id);
+                e.i(*ts)?;
+            }
+            Op::Distinct {
+                key,
+                since,
+                prune_before,
+            } => {
+                e.op("D", key);
+                e.i(*since)?;
+                e.i(*prune_before)?;
+            }
+            Op::Has {
+                key,
+                group,
+                id,
+                since,
+            } => {
+                e.op("H", key);
+                e.s(group);
+                e.s(id);
+                e.i(*since)?;
+            }
+            Op::Span {
+                key,
+                id,
+                group,
+                start,
+                end,
+                closed,
+            } => {
+                e.op("P", key);
+                e.s(id);
+                e.s(group);
+                e.i(*start)?;
+                e.i(*end)?;
+                e.s(if *closed { "1" } else { "0" });
+            }
+            Op::Overlap {
+                key,
+                at,
+                open_horizon,
+                prune_before,
+            } => {
+                e.op("O", key);
+                e.i(*at)?;
+                e.i(*open_horizon)?;
+                e.i(*prune_before)?;
+            }
+        }
+    }
+    Ok(Encoded {
+        tag: u.scope.tag(),
+        keys: e.keys,
+        args: e.args,
+    })
+}
+
+/// Decodes the script's reply for `u`.
+fn decode(u: &Update, v: &Value) -> Result<Outcome, StoreError> {
+    let Value::Array(items) = v else {
+        return Err(protocol(format!("unexpected apply reply {v:?}")));
+    };
+    let Some((dup, rest)) = items.split_first() else {
+        return Err(protocol("empty apply reply"));
+    };
+    if rest.len() != u.ops.len() {
+        return Err(protocol(format!(
+            "apply returned {} results for {} ops",
+            rest.len(),
+            u.ops.len()
+        )));
+    }
+    let duplicate = match int(dup)? {
+        0 => false,
+        1 => true,
+        other => return Err(protocol(format!("bad duplicate flag {other}"))),
+    };
+    let results = u
+        .ops
+        .iter()
+        .zip(rest)
+        .map(|(op, v)| match op {
+            Op::CallMax { .. } | Op::Has { .. } => int(v).map(OpResult::Int),
+            Op::Sum { .. } | Op::Distinct { .. } | Op::Overlap { .. } => {
+                groups(v).map(OpResult::Groups)
+            }
+            Op::Add { .. } | Op::Mark { .. } | Op::Span { .. } => Ok(OpResult::None),
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Outcome { duplicate, results })
+}
+
 impl RedisStore {
-    /// Connects (one multiplexed, auto-reconnecting connection) and loads
-    /// the scripts.
+    /// Connects to one Redis node (one multiplexed, auto-reconnecting
+    /// connection) and loads the scripts. `prefix` starts every key (`tg:`).
     pub async fn connect(url: &str, prefix: &str) -> Result<Self, StoreError> {
-        let client = redis::Client::open(url).map_err(err)?;
-        let cfg = redis::aio::ConnectionManagerConfig::new()
-            .set_connection_timeout(std::time::Duration::from_secs(5))
-            .set_response_timeout(std::time::Duration::from_secs(10))
-            .set_number_of_retries(2);
+        let client = redis::Client::open(url).map_err(store_err)?;
+        // Reconnection backoff: redis 0.32 hands `factor` to backon as the
+        // growth *multiplier* (first delay 1 s), not as a unit of
+        // milliseconds as its docs suggest; the default (100, capped at 60 s)
+        // made a request during an outage, or a connect to a dead server,
+        // wait minutes. Here: ~1 s, then ≤ 1 s, then fail (Unavailable) and
+        // let the caller retry.
+        let cfg = ConnectionManagerConfig::new()
+            .set_connection_timeout(Duration::from_secs(5))
+            .set_response_timeout(Duration::from_secs(10))
+            .set_number_of_retries(2)
+            .set_factor(2)
+            .set_max_delay(1_000);
         let conn = ConnectionManager::new_with_config(client, cfg)
             .await
-            .map_err(err)?;
+            .map_err(store_err)?;
+        Self::init(Conn::Single(conn), prefix).await
+    }
+
+    /// Connects to a Redis Cluster through its seed `nodes`
+    /// (`redis://host:port/` each) and loads the scripts on every primary.
+    pub async fn connect_cluster(nodes: &[String], prefix: &str) -> Result<Self, StoreError> {
+        let client = redis::cluster::ClusterClientBuilder::new(nodes.to_vec())
+            .connection_timeout(Duration::from_secs(5))
+            .response_timeout(Duration::from_secs(10))
+            .build()
+            .map_err(store_err)?;
+        let conn = client.get_async_connection().await.map_err(store_err)?;
+        Self::init(Conn::Cluster(conn), prefix).await
+    }
+
+    async fn init(conn: Conn, prefix: &str) -> Result<Self, StoreError> {
         let s = Self {
             conn,
             prefix: prefix.to_string(),
-            apply: redis::Script::new(APPLY),
-            cas: redis::Script::new(CAS),
+            apply: Script::new(APPLY),
+            cas: Script::new(CAS),
         };
-        s.load_scripts().await?;
+        s.load(&s.apply).await?;
+        s.load(&s.cas).await?;
+        tracing::debug!(store = ?s, "redis window store connected, scripts loaded");
         Ok(s)
     }
 
-    async fn load_scripts(&self) -> Result<(), StoreError> {
+    async fn load(&self, script: &Script) -> Result<(), StoreError> {
         let mut c = self.conn.clone();
-        for src in [APPLY, CAS] {
-            let _: String = redis::cmd("SCRIPT")
-                .arg("LOAD")
-                .arg(src)
-                .query_async(&mut c)
-                .await
-                .map_err(err)?;
-        }
+        script.load_async(&mut c).await.map_err(store_err)?;
         Ok(())
     }
 
@@ -267,181 +619,68 @@ impl RedisStore {
         &self.prefix
     }
 
-    fn encode(&self, u: &Update) -> (Vec<String>, Vec<String>) {
-        let mut keys = vec![u.scope.key(&self.prefix, &format!("ev:{}", u.dedupe))];
-        let mut index: HashMap<String, usize> = HashMap::new();
-        let mut args = vec![u.ttl_ms.max(1).to_string(), u.ops.len().to_string()];
-        let mut key_of = |name: &str, keys: &mut Vec<String>| -> String {
-            let n = *index.entry(name.to_string()).or_insert_with(|| {
-                keys.push(u.scope.key(&self.prefix, name));
-                keys.len()
-            });
-            n.to_string()
-        };
-        for op in &u.ops {
-            match op {
-                Op::CallMax {
-                    key,
-                    field,
-                    value,
-                    ttl_ms,
-                } => {
-                    args.extend([
-                        "M".into(),
-                        key_of(key, &mut keys),
-                        field.clone(),
-                        value.to_string(),
-                        ttl_ms.max(&1).to_string(),
-                    ]);
-                }
-                Op::Add {
-                    key,
-                    bucket,
-                    group,
-                    delta,
-                    when,
-                } => {
-                    let (kind, v) = match delta {
-                        Val::Const(c) => ("c", *c),
-                        Val::Ref(i) => ("r", *i as i64),
-                    };
-                    args.extend([
-                        "A".into(),
-                        key_of(key, &mut keys),
-                        bucket.to_string(),
-                        group.clone(),
-                        kind.into(),
-                        v.to_string(),
-                        when.map_or_else(|| "-".to_string(), |w| w.to_string()),
-                    ]);
-                }
-                Op::Sum {
-                    key,
-                    from,
-                    to,
-                    prune_before,
-                } => {
-                    args.extend([
-                        "S".into(),
-                        key_of(key, &mut keys),
-                        from.to_string(),
-                        to.to_string(),
-                        prune_before.to_string(),
-                    ]);
-                }
-                Op::Mark { key, group, id, ts } => {
-                    args.extend([
-                        "K".into(),
-                        key_of(key, &mut keys),
-                        group.clone(),
-                        id.clone(),
-                        ts.to_string(),
-                    ]);
-                }
-                Op::Distinct {
-                    key,
-                    since,
-                    prune_before,
-                } => {
-                    args.extend([
-                        "D".into(),
-                        key_of(key, &mut keys),
-                        since.to_string(),
-                        prune_before.to_string(),
-                    ]);
-                }
-                Op::Has {
-                    key,
-                    group,
-                    id,
-                    since,
-                } => {
-                    args.extend([
-                        "H".into(),
-                        key_of(key, &mut keys),
-                        group.clone(),
-                        id.clone(),
-                        since.to_string(),
-                    ]);
-                }
-                Op::Span {
-                    key,
-                    id,
-                    group,
-                    start,
-                    end,
-                    closed,
-                } => {
-                    args.extend([
-                        "P".into(),
-                        key_of(key, &mut keys),
-                        id.clone(),
-                        group.clone(),
-                        start.to_string(),
-                        end.to_string(),
-                        if *closed { "1" } else { "0" }.into(),
-                    ]);
-                }
-                Op::Overlap {
-                    key,
-                    at,
-                    open_horizon,
-                    prune_before,
-                } => {
-                    args.extend([
-                        "O".into(),
-                        key_of(key, &mut keys),
-                        at.to_string(),
-                        open_horizon.to_string(),
-                        prune_before.to_string(),
-                    ]);
+    /// Test hook: swaps the apply script for a copy (salted with `salt`)
+    /// that the server has not loaded, so the next [`WindowStore::apply`]
+    /// meets `NOSCRIPT` — without flushing the server's script cache under
+    /// other clients.
+    #[doc(hidden)]
+    pub fn with_unloaded_apply_script(mut self, salt: &str) -> Self {
+        self.apply = Script::new(&format!("{APPLY}\n-- test salt: {salt}\n"));
+        self
+    }
+
+    /// Runs `batch` as one pipeline of `EVALSHA`s and returns one reply per
+    /// update, re-loading the script and re-sending only the updates that
+    /// met `NOSCRIPT`.
+    async fn eval_pipeline(&self, batch: &[&Encoded]) -> Result<Vec<Value>, StoreError> {
+        let mut replies: Vec<Option<Value>> = vec![None; batch.len()];
+        let mut pending: Vec<usize> = (0..batch.len()).collect();
+        for attempt in 0..=NOSCRIPT_RELOADS {
+            let mut pipe = redis::pipe();
+            for &i in &pending {
+                pipe.add_command(batch[i].evalsha(self.apply.get_hash()));
+            }
+            let mut c = self.conn.clone();
+            // The per-command replies, errors included (`Pipeline::query_async`
+            // would stop at the first error and hide which updates ran).
+            let raw = c
+                .req_packed_commands(&pipe, 0, pending.len())
+                .await
+                .map_err(store_err)?;
+            if raw.len() != pending.len() {
+                return Err(protocol(format!(
+                    "pipeline returned {} replies for {} commands",
+                    raw.len(),
+                    pending.len()
+                )));
+            }
+            let mut noscript = Vec::new();
+            for (&i, v) in pending.iter().zip(raw) {
+                match v.extract_error() {
+                    Ok(v) => replies[i] = Some(v),
+                    Err(e) if e.kind() == ErrorKind::NoScriptError => noscript.push(i),
+                    Err(e) => return Err(store_err(e)),
                 }
             }
+            if noscript.is_empty() {
+                break;
+            }
+            if attempt == NOSCRIPT_RELOADS {
+                return Err(StoreError::Unavailable(format!(
+                    "NOSCRIPT persists after {NOSCRIPT_RELOADS} reloads of the apply script"
+                )));
+            }
+            tracing::warn!(
+                updates = noscript.len(),
+                "redis lost the apply script (NOSCRIPT); reloading and re-sending"
+            );
+            self.load(&self.apply).await?;
+            pending = noscript;
         }
-        (keys, args)
-    }
-
-    fn decode(u: &Update, v: &Value) -> Result<Outcome, StoreError> {
-        let Value::Array(items) = v else {
-            return Err(StoreError::Protocol(format!(
-                "unexpected script reply {v:?}"
-            )));
-        };
-        if items.len() != u.ops.len() + 1 {
-            return Err(StoreError::Protocol(format!(
-                "script returned {} results for {} ops",
-                items.len().saturating_sub(1),
-                u.ops.len()
-            )));
-        }
-        let duplicate = int(&items[0])? == 1;
-        let results = u
-            .ops
-            .iter()
-            .zip(&items[1..])
-            .map(|(op, v)| match op {
-                Op::CallMax { .. } | Op::Has { .. } => int(v).map(OpResult::Int),
-                Op::Sum { .. } | Op::Distinct { .. } | Op::Overlap { .. } => {
-                    groups(v).map(OpResult::Groups)
-                }
-                _ => Ok(OpResult::None),
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok(Outcome { duplicate, results })
-    }
-
-    async fn run_pipeline(&self, updates: &[Update]) -> Result<Vec<Value>, RedisError> {
-        let mut pipe = redis::pipe();
-        for u in updates {
-            let (keys, args) = self.encode(u);
-            pipe.cmd("EVALSHA")
-                .arg(self.apply.get_hash())
-                .arg(keys.len())
-                .arg(keys)
-                .arg(args);
-        }
-        let mut c = self.conn.clone();
-        pipe.query_async(&mut c).await
+        replies
+            .into_iter()
+            .map(|r| r.ok_or_else(|| protocol("missing apply reply")))
+            .collect()
     }
 }
 
@@ -451,19 +690,45 @@ impl WindowStore for RedisStore {
         if updates.is_empty() {
             return Ok(Vec::new());
         }
-        let replies = match self.run_pipeline(updates).await {
-            Ok(r) => r,
-            Err(e) if e.kind() == redis::ErrorKind::NoScriptError => {
-                // The server lost its script cache (restart, SCRIPT FLUSH): reload and retry.
-                self.load_scripts().await?;
-                self.run_pipeline(updates).await.map_err(err)?
+        let encoded = updates
+            .iter()
+            .map(|u| encode(&self.prefix, u))
+            .collect::<Result<Vec<_>, _>>()?;
+        tracing::debug!(
+            updates = updates.len(),
+            keys = encoded.iter().map(|e| e.keys.len()).sum::<usize>(),
+            "redis apply"
+        );
+        let replies = match self.conn {
+            Conn::Single(_) => {
+                let all: Vec<&Encoded> = encoded.iter().collect();
+                self.eval_pipeline(&all).await?
             }
-            Err(e) => return Err(err(e)),
+            Conn::Cluster(_) => {
+                // A cluster pipeline must stay in one slot: one per scope,
+                // all in flight at once, order kept within each scope.
+                let mut by_tag: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
+                for (i, e) in encoded.iter().enumerate() {
+                    by_tag.entry(&e.tag).or_default().push(i);
+                }
+                let parts = futures::future::try_join_all(by_tag.into_values().map(|idx| {
+                    let batch: Vec<&Encoded> = idx.iter().map(|&i| &encoded[i]).collect();
+                    async move { self.eval_pipeline(&batch).await.map(|r| (idx, r)) }
+                }))
+                .await?;
+                let mut replies = vec![Value::Nil; updates.len()];
+                for (idx, part) in parts {
+                    for (i, v) in idx.into_iter().zip(part) {
+                        replies[i] = v;
+                    }
+                }
+                replies
+            }
         };
         updates
             .iter()
-            .zip(replies.iter())
-            .map(|(u, v)| Self::decode(u, v))
+            .zip(&replies)
+            .map(|(u, v)| decode(u, v))
             .collect()
     }
 
@@ -474,24 +739,36 @@ impl WindowStore for RedisStore {
         if keys.is_empty() {
             return Ok(Vec::new());
         }
-        let mut pipe = redis::pipe();
+        // One MGET; on a cluster the client splits it per slot and
+        // reassembles the replies in order.
+        let mut cmd = redis::cmd("MGET");
         for (s, n) in keys {
-            pipe.cmd("GET").arg(s.key(&self.prefix, &format!("st:{n}")));
+            cmd.arg(s.key(&self.prefix, &format!("st:{n}")));
         }
         let mut c = self.conn.clone();
-        pipe.query_async(&mut c).await.map_err(err)
+        let values: Vec<Option<String>> = cmd.query_async(&mut c).await.map_err(store_err)?;
+        if values.len() != keys.len() {
+            return Err(protocol(format!(
+                "MGET returned {} values for {} keys",
+                values.len(),
+                keys.len()
+            )));
+        }
+        Ok(values)
     }
 
     async fn cas_state(&self, w: &StateWrite) -> Result<bool, StoreError> {
         let key = w.scope.key(&self.prefix, &format!("st:{}", w.name));
-        let mut c = self.conn.clone();
         let mut inv = self.cas.key(key);
         inv.arg(if w.expect.is_some() { "1" } else { "0" })
             .arg(w.expect.as_deref().unwrap_or(""))
             .arg(&w.value)
             .arg(w.ttl_ms.max(1));
-        let r: i64 = inv.invoke_async(&mut c).await.map_err(err)?;
-        Ok(r == 1)
+        let mut c = self.conn.clone();
+        // EVALSHA, falling back to SCRIPT LOAD + EVALSHA on NOSCRIPT.
+        let written: i64 = inv.invoke_async(&mut c).await.map_err(store_err)?;
+        tracing::debug!(name = %w.name, written = written == 1, "redis cas_state");
+        Ok(written == 1)
     }
 
     async fn set_members(&self, name: &str) -> Result<Vec<String>, StoreError> {
@@ -500,25 +777,28 @@ impl WindowStore for RedisStore {
             .arg(Scope::Global.key(&self.prefix, name))
             .query_async(&mut c)
             .await
-            .map_err(err)?;
+            .map_err(store_err)?;
         v.sort();
         Ok(v)
     }
 
     async fn set_add(&self, name: &str, member: &str) -> Result<bool, StoreError> {
         let mut c = self.conn.clone();
-        let n: i64 = redis::cmd("SADD")
+        let added: i64 = redis::cmd("SADD")
             .arg(Scope::Global.key(&self.prefix, name))
             .arg(member)
             .query_async(&mut c)
             .await
-            .map_err(err)?;
-        Ok(n == 1)
+            .map_err(store_err)?;
+        Ok(added == 1)
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
         let mut c = self.conn.clone();
-        let _: String = redis::cmd("PING").query_async(&mut c).await.map_err(err)?;
+        let _: Value = redis::cmd("PING")
+            .query_async(&mut c)
+            .await
+            .map_err(store_err)?;
         Ok(())
     }
 }

@@ -69,6 +69,12 @@ pub struct SpendCap {
     pub hourly_cap_eur: String,
     /// Fraction of a cap at which a warning is raised (0 < r < 1).
     pub warning_ratio: f64,
+    /// Cap on spend to high-risk ranges (at or above
+    /// `multi_carrier_burst.min_risk_tier`) outside business hours per
+    /// rolling 24 h, EUR: catches slow burns that stay under every burst
+    /// threshold (×`multi_carrier_burst.familiar_factor` for a customer with
+    /// an established pattern to the range).
+    pub high_risk_daily_cap_eur: String,
 }
 
 impl Default for SpendCap {
@@ -78,6 +84,7 @@ impl Default for SpendCap {
             daily_cap_eur: "2500.00".into(),
             hourly_cap_eur: "600.00".into(),
             warning_ratio: 0.6,
+            high_risk_daily_cap_eur: "150.00".into(),
         }
     }
 }
@@ -105,6 +112,23 @@ pub struct MultiCarrierBurst {
     /// hours (policies with `business_hours`): a PBX dialling East Timor at
     /// 3 a.m. needs less evidence.
     pub out_of_hours_factor: f64,
+    /// Thresholds are multiplied by this inside business hours (the
+    /// customer's, or `default_business_hours` when it has no policy):
+    /// enterprises legitimately call abroad in office hours.
+    pub in_hours_factor: f64,
+    /// Business hours assumed for customers without a policy.
+    pub default_business_hours: String,
+    /// Days of those business hours.
+    pub default_business_days: String,
+    /// Time zone of those business hours.
+    pub default_time_zone: String,
+    /// A customer that called the same range on at least this many distinct
+    /// days in the last `familiar_window_days` has an established pattern…
+    pub familiar_days: i64,
+    /// … looked for over this many days …
+    pub familiar_window_days: i64,
+    /// … and its thresholds are multiplied by this.
+    pub familiar_factor: f64,
 }
 
 impl Default for MultiCarrierBurst {
@@ -118,6 +142,13 @@ impl Default for MultiCarrierBurst {
             critical_calls: 6,
             critical_spend_eur: "40.00".into(),
             out_of_hours_factor: 0.5,
+            in_hours_factor: 1.5,
+            default_business_hours: "08:00-18:00".into(),
+            default_business_days: "mon-fri".into(),
+            default_time_zone: "Europe/Amsterdam".into(),
+            familiar_days: 3,
+            familiar_window_days: 14,
+            familiar_factor: 3.0,
         }
     }
 }
@@ -393,6 +424,10 @@ pub struct Thresholds {
     pub hourly_cap: i64,
     /// Burst critical spend, micro-EUR.
     pub burst_critical_spend: i64,
+    /// High-risk daily cap, micro-EUR.
+    pub high_risk_daily_cap: i64,
+    /// Default business hours of customers without a policy.
+    pub default_hours: BusinessHours,
 }
 
 impl RulesConfig {
@@ -480,6 +515,37 @@ impl RulesConfig {
                 "must be a number >= 1",
             ));
         }
+        let high_risk_daily_cap = eur(
+            "spend_cap.high_risk_daily_cap_eur",
+            &s.high_risk_daily_cap_eur,
+        )?;
+        positive_i("spend_cap.high_risk_daily_cap_eur", high_risk_daily_cap)?;
+        if !(b.in_hours_factor >= 1.0 && b.in_hours_factor.is_finite()) {
+            return Err(ConfigError::new(
+                "multi_carrier_burst.in_hours_factor",
+                "must be >= 1",
+            ));
+        }
+        if !(b.familiar_factor >= 1.0 && b.familiar_factor.is_finite()) {
+            return Err(ConfigError::new(
+                "multi_carrier_burst.familiar_factor",
+                "must be >= 1",
+            ));
+        }
+        positive_i("multi_carrier_burst.familiar_days", b.familiar_days)?;
+        positive_i(
+            "multi_carrier_burst.familiar_window_days",
+            b.familiar_window_days,
+        )?;
+        if g.state_ttl_s < (b.familiar_window_days as u64) * 86_400 {
+            // Longer history than the state TTL is fine: it just expires.
+        }
+        let default_hours = business_hours(
+            "multi_carrier_burst.default_business_hours",
+            &b.default_business_hours,
+            &b.default_business_days,
+            &b.default_time_zone,
+        )?;
         if !(b.out_of_hours_factor > 0.0 && b.out_of_hours_factor <= 1.0) {
             return Err(ConfigError::new(
                 "multi_carrier_burst.out_of_hours_factor",
@@ -532,6 +598,8 @@ impl RulesConfig {
             daily_cap,
             hourly_cap,
             burst_critical_spend,
+            high_risk_daily_cap,
+            default_hours,
         })
     }
 }
@@ -647,6 +715,35 @@ fn parse_days(s: &str) -> Option<Vec<u32>> {
         }
     }
     Some(out)
+}
+
+fn business_hours(
+    key: &str,
+    hours: &str,
+    days: &str,
+    tz: &str,
+) -> Result<BusinessHours, ConfigError> {
+    let (open, close) = hours
+        .split_once('-')
+        .and_then(|(a, b)| Some((parse_hhmm(a)?, parse_hhmm(b)?)))
+        .filter(|(a, b)| a < b)
+        .ok_or_else(|| {
+            ConfigError::new(
+                key,
+                format!("`{hours}` is not a range like \"08:00-18:00\""),
+            )
+        })?;
+    let days = parse_days(days)
+        .ok_or_else(|| ConfigError::new(key, format!("`{days}` is not like \"mon-fri\"")))?;
+    let tz = tz
+        .parse::<chrono_tz::Tz>()
+        .map_err(|_| ConfigError::new(key, format!("`{tz}` is not an IANA time zone")))?;
+    Ok(BusinessHours {
+        open_min: open,
+        close_min: close,
+        days,
+        tz,
+    })
 }
 
 fn check_prefixes(key: &str, v: &[String]) -> Result<(), ConfigError> {

@@ -128,6 +128,8 @@ struct CustomerIdx {
     hr_calls: Option<usize>,
     hr_spend: Option<usize>,
     hr_lines: Option<usize>,
+    hr_daily: Option<usize>,
+    familiar: Option<usize>,
     overlap: Option<usize>,
     probe: Option<usize>,
 }
@@ -405,6 +407,44 @@ impl Detector {
                     since: now - w,
                     prune_before: now - w - lateness(cfg),
                 });
+                // Cumulative out-of-hours high-risk spend (slow burns run at
+                // night, when nobody watches) and the customer's familiarity
+                // with this range (distinct days it was called).
+                let hours = self
+                    .policy(e)
+                    .business_hours
+                    .as_ref()
+                    .unwrap_or(&self.th.default_hours);
+                if !hours.contains(e.start_time) {
+                    ops.push(Op::Add {
+                        key: "hsd".into(),
+                        bucket: bucket(e.start_time, SPEND_DAILY_BUCKET),
+                        group: prov.clone(),
+                        delta: Val::Ref(spend),
+                        when: None,
+                    });
+                }
+                ci.hr_daily = Some(ops.len());
+                ops.push(Op::Sum {
+                    key: "hsd".into(),
+                    from: bucket(now - 86_400_000, SPEND_DAILY_BUCKET) + 1,
+                    to: bucket(now, SPEND_DAILY_BUCKET),
+                    prune_before: bucket(now - 86_400_000 - lateness(cfg), SPEND_DAILY_BUCKET),
+                });
+                let fw = b.familiar_window_days * 86_400_000;
+                let fkey = format!("hd:{}", remote.range);
+                ops.push(Op::Mark {
+                    key: fkey.clone(),
+                    group: String::new(),
+                    id: e.start_time.div_euclid(86_400_000).to_string(),
+                    ts: now,
+                });
+                ci.familiar = Some(ops.len());
+                ops.push(Op::Distinct {
+                    key: fkey,
+                    since: now - fw,
+                    prune_before: now - fw,
+                });
             }
         }
         let sp = &cfg.sequential_probe;
@@ -672,10 +712,28 @@ impl Detector {
                         None
                     }
                 };
+                let hr = get(u, ci.hr_daily);
+                // A customer with an established pattern to this range (its
+                // office abroad) gets more room before a slow-burn alert.
+                let b = &cfg.multi_carrier_burst;
+                let familiar = get(u, ci.familiar).total >= b.familiar_days;
+                let hr_cap = if familiar {
+                    (self.th.high_risk_daily_cap as f64 * b.familiar_factor) as i64
+                } else {
+                    self.th.high_risk_daily_cap
+                };
                 let ld = level(d.total, policy.daily_cap);
                 let lh = level(h.total, policy.hourly_cap);
-                if let Some(sev) = ld.max(lh) {
-                    let (g, cap, span, win) = if ld >= lh {
+                let lr = level(hr.total, hr_cap);
+                if let Some(sev) = ld.max(lh).max(lr) {
+                    let (g, cap, span, win) = if lr > ld.max(lh) {
+                        (
+                            &hr,
+                            hr_cap,
+                            "24 h to high-risk destinations outside business hours",
+                            86_400_000,
+                        )
+                    } else if ld >= lh {
                         (&d, policy.daily_cap, "24 h", 86_400_000)
                     } else {
                         (&h, policy.hourly_cap, "hour", 3_600_000)
@@ -726,13 +784,21 @@ impl Detector {
                     .business_hours
                     .as_ref()
                     .is_some_and(|h| !h.contains(now));
-                let scale = |v: i64| {
-                    if off_hours {
-                        ((v as f64 * b.out_of_hours_factor).ceil() as i64).max(2)
-                    } else {
-                        v
-                    }
-                };
+                let in_hours = policy
+                    .business_hours
+                    .as_ref()
+                    .unwrap_or(&self.th.default_hours)
+                    .contains(now);
+                let familiar_days = get(u, ci.familiar).total;
+                let familiar = familiar_days >= b.familiar_days;
+                let factor = if off_hours {
+                    b.out_of_hours_factor
+                } else if in_hours {
+                    b.in_hours_factor
+                } else {
+                    1.0
+                } * if familiar { b.familiar_factor } else { 1.0 };
+                let scale = |v: i64| ((v as f64 * factor).ceil() as i64).max(2);
                 let (warning_calls, critical_calls) =
                     (scale(b.warning_calls), scale(b.critical_calls));
                 if carriers.len() >= b.min_carriers && calls.total >= warning_calls {
@@ -769,6 +835,8 @@ impl Detector {
                     t.insert("warning_calls".into(), warning_calls.to_string());
                     t.insert("critical_calls".into(), critical_calls.to_string());
                     t.insert("outside_business_hours".into(), off_hours.to_string());
+                    t.insert("inside_business_hours".into(), in_hours.to_string());
+                    t.insert("days_calling_this_range".into(), familiar_days.to_string());
                     t.insert(
                         "critical_spend_eur".into(),
                         format_amount(self.th.burst_critical_spend),
