@@ -260,3 +260,22 @@ fn shipped_example_rules_are_the_defaults() {
     let parsed = tollguard_core::rules::RulesConfig::parse("rules.toml", text).unwrap();
     assert_eq!(parsed, tollguard_core::rules::RulesConfig::default());
 }
+
+#[test]
+fn the_example_rules_file_lists_every_key() {
+    let text = include_str!("../../../deploy/examples/rules.toml");
+    let written: toml::Table = toml::from_str(text).unwrap();
+    let defaults = toml::Table::try_from(tollguard_core::rules::RulesConfig::default()).unwrap();
+    for (section, keys) in &defaults {
+        let w = written
+            .get(section)
+            .and_then(|v| v.as_table())
+            .unwrap_or_else(|| panic!("[{section}] missing"));
+        for k in keys.as_table().unwrap().keys() {
+            assert!(
+                w.contains_key(k),
+                "{section}.{k} missing from deploy/examples/rules.toml"
+            );
+        }
+    }
+}
