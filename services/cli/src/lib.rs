@@ -8,6 +8,7 @@ pub mod common;
 pub mod demo;
 pub mod embedded;
 pub mod eval;
+pub mod hotlist;
 pub mod input;
 pub mod replay;
 pub mod send;

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use tollguard_cli::{common::PipelineOpts, demo, eval, replay, send, simulate};
+use tollguard_cli::{common::PipelineOpts, demo, eval, hotlist, replay, send, simulate};
 use tollguard_core::number::{DialPlan, Normalizer};
 use tollguard_core::pseudo::{Key, Kind};
 use tollguard_core::tables::RiskTable;
@@ -36,6 +36,9 @@ enum Command {
     /// Run the labelled scenario suite and score detection (campaigns
     /// caught, time to detect, false alarms per million benign calls).
     Eval(eval::EvalArgs),
+    /// Manage the consortium hot list used by the `hot_number` rule.
+    #[command(subcommand)]
+    Hotlist(hotlist::HotlistCmd),
     /// Generate labelled consortium traffic (one JSONL file per carrier).
     Simulate(simulate::SimulateArgs),
     /// Stream a partner file to an ingester over gRPC.
@@ -108,6 +111,10 @@ fn main() -> ExitCode {
                 } else {
                     ExitCode::FAILURE
                 })
+            }
+            Command::Hotlist(cmd) => {
+                hotlist::run(&cmd, &mut out).await?;
+                Ok(ExitCode::SUCCESS)
             }
             Command::Simulate(args) => {
                 simulate::run(&args, &mut err)?;
