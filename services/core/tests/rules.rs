@@ -464,3 +464,73 @@ async fn events_later_than_the_allowed_lateness_count_for_spend_but_open_no_wind
         "{out:#?}"
     );
 }
+
+#[tokio::test]
+async fn an_alert_claimed_but_never_published_is_republished_when_its_event_comes_back() {
+    let rules = RulesConfig::default();
+    let th = rules.validate().unwrap();
+    let defaults = Policy {
+        daily_cap: th.daily_cap,
+        hourly_cap: th.hourly_cap,
+        channels: rules.concurrency.default_channels,
+        ..Default::default()
+    };
+    let det = Detector::new(
+        rules,
+        Policies::resolve(&Default::default(), None, &defaults).unwrap(),
+        HotList::default(),
+    )
+    .unwrap();
+    let store = Arc::new(MemoryStore::new("tg:"));
+    let engine = Engine::new(store.clone() as Arc<dyn WindowStore>, det);
+    let ing = Ingestor::new(
+        "kpn",
+        DialPlan::new("NL"),
+        2,
+        Pseudonymizer::new(key()),
+        Arc::new(ReferenceData::default()),
+    )
+    .unwrap();
+    let ev = ing
+        .ingest(
+            &RawRecord {
+                provider_id: Some("kpn".into()),
+                event_id: Some("x1".into()),
+                call_id: Some("x1".into()),
+                phase: Some("interim".into()),
+                customer_id: Some("kvk:7".into()),
+                line_id: Some("l".into()),
+                caller: Some("+31201234567".into()),
+                callee: Some("+67077123456".into()),
+                direction: Some("outbound".into()),
+                start_time: Some(rfc3339(T0)),
+                duration_s: Some(6000.0),
+                ..Default::default()
+            },
+            T0 + 86_400_000,
+        )
+        .unwrap();
+    // First processing claims the incident; the process "crashes" before
+    // publishing or confirming.
+    let first = engine
+        .process(std::slice::from_ref(&ev), &[false], 1_000)
+        .await
+        .unwrap();
+    assert!(first.alerts.iter().any(|a| rule(a) == "long_duration"));
+    let claimed = first.alerts.clone();
+    drop(first);
+    // The same event is redelivered a second later (well inside the grace
+    // period): the identical alert is published, not lost.
+    let again = engine
+        .process(std::slice::from_ref(&ev), &[false], 2_000)
+        .await
+        .unwrap();
+    assert_eq!(again.alerts, claimed);
+    engine.confirm(again).await.unwrap();
+    // Once confirmed, a third delivery publishes nothing.
+    let third = engine
+        .process(std::slice::from_ref(&ev), &[false], 3_000)
+        .await
+        .unwrap();
+    assert!(third.alerts.is_empty());
+}

@@ -16,7 +16,12 @@
 //!   that ran is never sent twice, so none is wrongly reported as duplicate.
 //!   On a cluster the batch is split per scope (a pipeline must stay in one
 //!   slot) and the pipelines run concurrently; updates of different scopes
-//!   touch disjoint keys, so their relative order is unobservable.
+//!   touch disjoint keys, so their relative order is unobservable. (The
+//!   cluster client reports a pipeline's errors as one, so there a
+//!   `NOSCRIPT` re-sends the scope's whole pipeline.)
+//! * **Bounded waits.** Responses time out after 10 s, connects after 5 s;
+//!   on one node a lost connection is retried twice about a second apart
+//!   before the call fails as [`StoreError::Unavailable`].
 //!
 //! The semantics are exactly those of [`MemoryStore`]
 //! (`tests/store_suite.rs` checks both stores against each other).
@@ -643,25 +648,33 @@ impl RedisStore {
             let mut c = self.conn.clone();
             // The per-command replies, errors included (`Pipeline::query_async`
             // would stop at the first error and hide which updates ran).
-            let raw = c
-                .req_packed_commands(&pipe, 0, pending.len())
-                .await
-                .map_err(store_err)?;
-            if raw.len() != pending.len() {
-                return Err(protocol(format!(
-                    "pipeline returned {} replies for {} commands",
-                    raw.len(),
-                    pending.len()
-                )));
-            }
-            let mut noscript = Vec::new();
-            for (&i, v) in pending.iter().zip(raw) {
-                match v.extract_error() {
-                    Ok(v) => replies[i] = Some(v),
-                    Err(e) if e.kind() == ErrorKind::NoScriptError => noscript.push(i),
-                    Err(e) => return Err(store_err(e)),
+            let noscript = match c.req_packed_commands(&pipe, 0, pending.len()).await {
+                Ok(raw) => {
+                    if raw.len() != pending.len() {
+                        return Err(protocol(format!(
+                            "pipeline returned {} replies for {} commands",
+                            raw.len(),
+                            pending.len()
+                        )));
+                    }
+                    let mut noscript = Vec::new();
+                    for (&i, v) in pending.iter().zip(raw) {
+                        match v.extract_error() {
+                            Ok(v) => replies[i] = Some(v),
+                            Err(e) if e.kind() == ErrorKind::NoScriptError => noscript.push(i),
+                            Err(e) => return Err(store_err(e)),
+                        }
+                    }
+                    noscript
                 }
-            }
+                // The cluster client folds per-command errors into one: all
+                // of this (single-node) pipeline is re-sent. Only a script
+                // flush in the middle of the pipeline could then report an
+                // update that ran as a duplicate — as a connection lost
+                // mid-batch does anyway.
+                Err(e) if e.kind() == ErrorKind::NoScriptError => pending.clone(),
+                Err(e) => return Err(store_err(e)),
+            };
             if noscript.is_empty() {
                 break;
             }

@@ -9,6 +9,10 @@
 //! (`tgtest:<test>:<random>:`), so runs never collide; every key it writes
 //! carries a TTL (the consortium sets, which have none, are deleted at the
 //! end of their test).
+//!
+//! With `TOLLGUARD_REDIS_CLUSTER_NODES` (comma-separated node URLs) the
+//! Redis variants run against a Redis Cluster through
+//! [`RedisStore::connect_cluster`] instead.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -45,51 +49,111 @@ fn unique_prefix(test: &str) -> String {
     format!("tgtest:{test}:{:016x}:", rand::random::<u64>())
 }
 
-async fn raw_redis() -> redis::aio::MultiplexedConnection {
-    let url = redis_url();
-    redis::Client::open(url.as_str())
-        .expect("valid TOLLGUARD_REDIS_URL")
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap_or_else(|e| {
-            panic!(
-                "cannot reach Redis at {url} ({e}): is `deploy/local/services.sh start` running?"
-            )
-        })
+/// Seed nodes of a Redis Cluster (comma-separated URLs) to run the Redis
+/// variants against instead of the single node at `TOLLGUARD_REDIS_URL`.
+fn cluster_nodes() -> Option<Vec<String>> {
+    let v = std::env::var("TOLLGUARD_REDIS_CLUSTER_NODES").ok()?;
+    let nodes: Vec<String> = v
+        .split(',')
+        .map(str::trim)
+        .filter(|n| !n.is_empty())
+        .map(str::to_string)
+        .collect();
+    (!nodes.is_empty()).then_some(nodes)
 }
 
 async fn connect_redis(prefix: &str) -> RedisStore {
-    let url = redis_url();
-    RedisStore::connect(&url, prefix).await.unwrap_or_else(|e| {
+    let res = match cluster_nodes() {
+        Some(nodes) => RedisStore::connect_cluster(&nodes, prefix).await,
+        None => RedisStore::connect(&redis_url(), prefix).await,
+    };
+    res.unwrap_or_else(|e| {
         panic!(
-            "cannot connect the Redis store to {url} ({e}): run `deploy/local/services.sh start` \
-             and `eval \"$(deploy/local/services.sh env)\"`"
+            "cannot connect the Redis store ({e}): run `deploy/local/services.sh start` and \
+             `eval \"$(deploy/local/services.sh env)\"`"
         )
     })
 }
 
-/// Every key under `prefix`, by `SCAN MATCH` (never `KEYS`: the server is shared).
-async fn scan_keys(raw: &mut redis::aio::MultiplexedConnection, prefix: &str) -> Vec<String> {
-    let mut cursor: u64 = 0;
-    let mut keys = Vec::new();
-    loop {
-        let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg(format!("{prefix}*"))
-            .arg("COUNT")
-            .arg(10_000)
-            .query_async(raw)
-            .await
-            .expect("SCAN");
-        keys.extend(batch);
-        if next == 0 {
-            break;
+/// A plain connection to inspect the server behind the store.
+#[derive(Clone)]
+enum Raw {
+    Single(redis::aio::MultiplexedConnection),
+    /// Commands go through the cluster client; SCAN runs on every node.
+    Cluster {
+        conn: redis::cluster_async::ClusterConnection,
+        nodes: Vec<redis::aio::MultiplexedConnection>,
+    },
+}
+
+async fn plain(url: &str) -> redis::aio::MultiplexedConnection {
+    let client = redis::Client::open(url).expect("a valid Redis URL");
+    client
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap_or_else(|e| {
+            panic!("cannot reach Redis at {url} ({e}): run `deploy/local/services.sh start`")
+        })
+}
+
+impl Raw {
+    async fn connect() -> Self {
+        match cluster_nodes() {
+            Some(seeds) => {
+                let conn = redis::cluster::ClusterClient::new(seeds.clone())
+                    .expect("cluster client")
+                    .get_async_connection()
+                    .await
+                    .expect("cluster connection");
+                let mut nodes = Vec::new();
+                for n in &seeds {
+                    nodes.push(plain(n).await);
+                }
+                Raw::Cluster { conn, nodes }
+            }
+            None => Raw::Single(plain(&redis_url()).await),
         }
-        cursor = next;
     }
-    keys.sort();
-    keys
+
+    async fn query<T: redis::FromRedisValue>(&mut self, cmd: &redis::Cmd) -> T {
+        let r = match self {
+            Raw::Single(c) => cmd.query_async(c).await,
+            Raw::Cluster { conn, .. } => cmd.query_async(conn).await,
+        };
+        r.unwrap_or_else(|e| panic!("raw Redis command failed: {e}"))
+    }
+
+    /// Every key under `prefix`, by `SCAN MATCH` (never `KEYS`: the server
+    /// is shared), sorted.
+    async fn scan(&self, prefix: &str) -> Vec<String> {
+        let conns = match self {
+            Raw::Single(c) => vec![c.clone()],
+            Raw::Cluster { nodes, .. } => nodes.clone(),
+        };
+        let mut keys = Vec::new();
+        for mut c in conns {
+            let mut cursor: u64 = 0;
+            loop {
+                let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
+                    .arg(cursor)
+                    .arg("MATCH")
+                    .arg(format!("{prefix}*"))
+                    .arg("COUNT")
+                    .arg(10_000)
+                    .query_async(&mut c)
+                    .await
+                    .expect("SCAN");
+                keys.extend(batch);
+                if next == 0 {
+                    break;
+                }
+                cursor = next;
+            }
+        }
+        keys.sort();
+        keys.dedup();
+        keys
+    }
 }
 
 /// The store under test plus what the backend-specific checks need.
@@ -105,7 +169,7 @@ enum Backend {
     /// advances the clock.
     Memory(Arc<MemoryStore>),
     /// A raw connection to inspect keys and TTLs.
-    Redis(redis::aio::MultiplexedConnection),
+    Redis(Raw),
 }
 
 impl Harness {
@@ -125,7 +189,7 @@ impl Harness {
         let store = connect_redis(&prefix).await;
         Self {
             store: Arc::new(store),
-            backend: Backend::Redis(raw_redis().await),
+            backend: Backend::Redis(Raw::connect().await),
             prefix,
             seq: AtomicU64::new(0),
         }
@@ -756,7 +820,7 @@ async fn every_key_written_expires(h: &Harness) {
         Backend::Redis(raw) => {
             let mut raw = raw.clone();
             let base = format!("{}{{c:k1:abc}}:", h.prefix);
-            let keys = scan_keys(&mut raw, &h.prefix).await;
+            let keys = raw.scan(&h.prefix).await;
             let mut expected: Vec<String> =
                 ["ev:kpn/auto-0", "call:c", "sh", "hl", "sp", "st:inc:x"]
                     .iter()
@@ -769,11 +833,7 @@ async fn every_key_written_expires(h: &Harness) {
             );
             // Generous lower bounds: a slow machine may take seconds.
             for k in &keys {
-                let pttl: i64 = redis::cmd("PTTL")
-                    .arg(k)
-                    .query_async(&mut raw)
-                    .await
-                    .unwrap();
+                let pttl: i64 = raw.query(redis::cmd("PTTL").arg(k)).await;
                 let (lo, hi) = if k.ends_with(":call:c") {
                     (CALL_TTL - 10_000, CALL_TTL)
                 } else if k.ends_with(":st:inc:x") {
@@ -874,13 +934,9 @@ async fn sets_add_and_list_sorted(h: &Harness) {
     if let Backend::Redis(raw) = &h.backend {
         // The sets have no TTL (the trait gives none): delete them.
         let mut raw = raw.clone();
-        let keys = scan_keys(&mut raw, &h.prefix).await;
+        let keys = raw.scan(&h.prefix).await;
         assert_eq!(keys.len(), 2, "{keys:?}");
-        let _: i64 = redis::cmd("DEL")
-            .arg(&keys)
-            .query_async(&mut raw)
-            .await
-            .unwrap();
+        let _: i64 = raw.query(redis::cmd("DEL").arg(&keys)).await;
     }
 }
 
@@ -994,15 +1050,16 @@ mod redis_only {
     async fn wrong_type_is_a_protocol_error() {
         let p = unique_prefix("wrongtype");
         let store = connect_redis(&p).await;
-        let mut raw = raw_redis().await;
-        let _: () = redis::cmd("SET")
-            .arg(Scope::Global.key(&p, "hot"))
-            .arg("x")
-            .arg("PX")
-            .arg(TTL)
-            .query_async(&mut raw)
-            .await
-            .unwrap();
+        let mut raw = Raw::connect().await;
+        let _: () = raw
+            .query(
+                redis::cmd("SET")
+                    .arg(Scope::Global.key(&p, "hot"))
+                    .arg("x")
+                    .arg("PX")
+                    .arg(TTL),
+            )
+            .await;
         let e = store.set_members("hot").await.expect_err("WRONGTYPE");
         assert!(matches!(e, StoreError::Protocol(_)), "{e:?}");
     }

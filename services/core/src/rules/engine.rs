@@ -413,15 +413,22 @@ fn decide(
     let quiet = cfg.quiet_close_s as i64 * 1000;
     if let Some(p) = prev
         && let Some(hexed) = &p.pending
-        && wall - p.claimed_wall >= PENDING_GRACE_MS
     {
-        // A claim that was never confirmed: re-publish the identical alert.
+        // A claim that was never confirmed. Re-publish the identical alert
+        // when this is the claiming event itself coming back (the claimer
+        // crashed before committing its offset), or when the claim is older
+        // than the grace period (its replica is gone); otherwise another
+        // replica is about to publish it.
         let alert = hex::decode(hexed)
             .ok()
             .and_then(|b| pb::Alert::decode(b.as_slice()).ok())?;
-        let mut st = p.clone();
-        st.pending = None;
-        return Some((st, Some(alert)));
+        let own = alert.trigger_provider_id == f.trigger.0 && alert.trigger_event_id == f.trigger.1;
+        if own || wall - p.claimed_wall >= PENDING_GRACE_MS {
+            let mut st = p.clone();
+            st.pending = None;
+            return Some((st, Some(alert)));
+        }
+        return None;
     }
     match prev {
         Some(p) if p.pending.is_some() => None,
