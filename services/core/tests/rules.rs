@@ -534,3 +534,49 @@ async fn an_alert_claimed_but_never_published_is_republished_when_its_event_come
         .unwrap();
     assert!(third.alerts.is_empty());
 }
+
+#[test]
+fn the_low_watermark_waits_for_expected_and_lagging_carriers() {
+    use tollguard_core::rules::Watermarks;
+    let ing = Ingestor::new(
+        "kpn",
+        DialPlan::new("NL"),
+        2,
+        Pseudonymizer::new(key()),
+        Arc::new(ReferenceData::default()),
+    )
+    .unwrap();
+    let ev = |provider: &str, at_s: i64| {
+        let mut e = ing
+            .ingest(
+                &RawRecord {
+                    provider_id: Some("kpn".into()),
+                    event_id: Some("w".into()),
+                    call_id: Some("w".into()),
+                    phase: Some("start".into()),
+                    line_id: Some("l".into()),
+                    caller: Some("+31201234567".into()),
+                    callee: Some("+31301234567".into()),
+                    direction: Some("outbound".into()),
+                    start_time: Some(rfc3339(T0 + at_s * 1000)),
+                    ..Default::default()
+                },
+                T0 + 86_400_000,
+            )
+            .unwrap();
+        e.provider_id = provider.into();
+        e
+    };
+    let mut w = Watermarks::expecting(vec!["kpn".into(), "bt".into()]);
+    w.observe_at(0, &ev("kpn", 7200), 300_000, 0);
+    assert_eq!(w.horizon(1), i64::MIN, "bt not seen yet: prune nothing");
+    w.observe_at(1, &ev("bt", 600), 300_000, 2);
+    assert_eq!(
+        w.horizon(3),
+        T0 + 600_000,
+        "the lagging carrier holds the horizon"
+    );
+    // bt goes quiet for longer than the staleness bound: it stops holding pruning back.
+    w.observe_at(0, &ev("kpn", 9000), 300_000, 20 * 60_000);
+    assert_eq!(w.horizon(20 * 60_000), T0 + 9_000_000);
+}

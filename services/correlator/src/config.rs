@@ -131,6 +131,11 @@ pub struct CorrelatorConfig {
     /// How often the hot list is re-read from the store, seconds.
     #[serde(default = "default_hot")]
     pub hot_list_refresh_s: u64,
+    /// The consortium's carriers: window state is not pruned until each has
+    /// been seen, so a carrier that starts late (a backfill) still joins the
+    /// others. Empty: prune by the carriers seen so far.
+    #[serde(default)]
+    pub expected_providers: Vec<String>,
 }
 
 fn default_group() -> String {
@@ -179,6 +184,9 @@ impl CorrelatorConfig {
                 "poll_timeout_ms",
                 "must be between 1 and 10000",
             ));
+        }
+        for (i, p) in self.expected_providers.iter().enumerate() {
+            tollguard_core::ingest::validate_provider_id(&format!("expected_providers[{i}]"), p)?;
         }
         if self.hot_list_refresh_s == 0 {
             return Err(ConfigError::new(

@@ -122,6 +122,12 @@ impl Worker {
         }
     }
 
+    /// Waits for these carriers before pruning window state (see
+    /// [`tollguard_core::rules::Watermarks`]).
+    pub fn expect_carriers(&mut self, carriers: Vec<String>) {
+        self.watermarks = tollguard_core::rules::Watermarks::expecting(carriers);
+    }
+
     /// The engine (to refresh the hot list or policies).
     pub fn engine_mut(&mut self) -> &mut Engine {
         &mut self.engine
@@ -159,7 +165,10 @@ impl Worker {
         for r in batch {
             match decode_event(&r.payload) {
                 Ok(e) => {
-                    late.push(self.watermarks.observe(r.partition, &e, lateness));
+                    late.push(
+                        self.watermarks
+                            .observe_at(r.partition, &e, lateness, wall()),
+                    );
                     parents.push((
                         e.event_key(),
                         r.header(HEADER_TRACEPARENT).map(<[u8]>::to_vec),
@@ -185,7 +194,11 @@ impl Worker {
             }
         }
         let started = std::time::Instant::now();
-        let processed = self.engine.process(&events, &late, wall()).await?;
+        let horizon = self.watermarks.horizon(wall());
+        let processed = self
+            .engine
+            .process_at(&events, &late, horizon, wall())
+            .await?;
         if let Some(m) = &self.metrics {
             m.store_seconds.observe(started.elapsed().as_secs_f64());
         }

@@ -128,6 +128,7 @@ async fn run(cfg: CorrelatorConfig, det: Detector) -> anyhow::Result<()> {
         .await?;
     let engine = Engine::new(store.clone(), det);
     let mut worker = Worker::new(engine, bus.clone(), sub, topics, Some(metrics));
+    worker.expect_carriers(cfg.expected_providers.clone());
     let timeout = Duration::from_millis(cfg.poll_timeout_ms);
     let mut last_hot = Instant::now() - Duration::from_secs(3600);
     let mut backoff = Duration::from_millis(100);

@@ -304,8 +304,18 @@ impl Detector {
 
     /// Plans the store updates for one event.
     pub fn plan(&self, e: &CallEvent) -> Plan {
+        self.plan_at(e, Millis::MAX)
+    }
+
+    /// Plans the store updates for one event, pruning nothing newer than
+    /// `horizon` minus each window: `horizon` is the low watermark of the
+    /// input (the slowest carrier's event time), so a carrier that lags
+    /// behind the others still finds their events in the window.
+    pub fn plan_at(&self, e: &CallEvent, horizon: Millis) -> Plan {
         let cfg = &self.cfg;
         let now = e.phase_time();
+        // Event times are after 2000-01-01, so 0 is "prune nothing" without overflow.
+        let pn = now.min(horizon).max(0);
         let ttl = (cfg.general.state_ttl_s * 1000) as i64;
         let call_ttl = (cfg.general.call_ttl_s * 1000) as i64;
         let ck = e.call_key();
@@ -352,14 +362,14 @@ impl Detector {
                     key: "sh".into(),
                     from: bucket(now - 3_600_000, MIN) + 1,
                     to: bucket(now, MIN),
-                    prune_before: bucket(now - 3_600_000 - lateness(cfg), MIN),
+                    prune_before: bucket(pn - 3_600_000 - lateness(cfg), MIN),
                 });
                 ci.spend_d = Some(ops.len());
                 ops.push(Op::Sum {
                     key: "sd".into(),
                     from: bucket(now - 86_400_000, SPEND_DAILY_BUCKET) + 1,
                     to: bucket(now, SPEND_DAILY_BUCKET),
-                    prune_before: bucket(now - 86_400_000 - lateness(cfg), SPEND_DAILY_BUCKET),
+                    prune_before: bucket(pn - 86_400_000 - lateness(cfg), SPEND_DAILY_BUCKET),
                 });
             }
             let b = &cfg.multi_carrier_burst;
@@ -386,7 +396,7 @@ impl Detector {
                     ts: now,
                 });
                 let from = bucket(now - w, MIN) + 1;
-                let prune = bucket(now - w - lateness(cfg), MIN);
+                let prune = bucket(pn - w - lateness(cfg), MIN);
                 ci.hr_calls = Some(ops.len());
                 ops.push(Op::Sum {
                     key: "hc".into(),
@@ -405,7 +415,7 @@ impl Detector {
                 ops.push(Op::Distinct {
                     key: "hl".into(),
                     since: now - w,
-                    prune_before: now - w - lateness(cfg),
+                    prune_before: pn - w - lateness(cfg),
                 });
                 // Cumulative out-of-hours high-risk spend (slow burns run at
                 // night, when nobody watches) and the customer's familiarity
@@ -429,7 +439,7 @@ impl Detector {
                     key: "hsd".into(),
                     from: bucket(now - 86_400_000, SPEND_DAILY_BUCKET) + 1,
                     to: bucket(now, SPEND_DAILY_BUCKET),
-                    prune_before: bucket(now - 86_400_000 - lateness(cfg), SPEND_DAILY_BUCKET),
+                    prune_before: bucket(pn - 86_400_000 - lateness(cfg), SPEND_DAILY_BUCKET),
                 });
                 let fw = b.familiar_window_days * 86_400_000;
                 let fkey = format!("hd:{}", remote.range);
@@ -443,7 +453,7 @@ impl Detector {
                 ops.push(Op::Distinct {
                     key: fkey,
                     since: now - fw,
-                    prune_before: now - fw,
+                    prune_before: pn - fw,
                 });
             }
         }
@@ -461,7 +471,7 @@ impl Detector {
             ops.push(Op::Distinct {
                 key,
                 since: now - w,
-                prune_before: now - w - lateness(cfg),
+                prune_before: pn - w - lateness(cfg),
             });
         }
         if cfg.concurrency.enabled {
@@ -479,7 +489,7 @@ impl Detector {
                 key: "sp".into(),
                 at: now,
                 open_horizon: horizon,
-                prune_before: now - horizon - lateness(cfg) - 3_600_000,
+                prune_before: pn - horizon - lateness(cfg) - 3_600_000,
             });
         }
         let cust = if ops.is_empty() {
@@ -539,7 +549,7 @@ impl Detector {
                     ts: now,
                 });
                 let from = bucket(now - w, MIN) + 1;
-                let prune = bucket(now - w - lateness(cfg), MIN);
+                let prune = bucket(pn - w - lateness(cfg), MIN);
                 ri.calls = Some(ops.len());
                 ops.push(Op::Sum {
                     key: "rn".into(),
@@ -558,7 +568,7 @@ impl Detector {
                 ops.push(Op::Distinct {
                     key: "rc".into(),
                     since: now - w,
-                    prune_before: now - w - lateness(cfg),
+                    prune_before: pn - w - lateness(cfg),
                 });
             }
             if callback {
@@ -582,14 +592,14 @@ impl Detector {
                     key: "wcb".into(),
                     from: bucket(now - cb_window, q) + 1,
                     to: bucket(now, q),
-                    prune_before: bucket(now - cb_window - lateness(cfg), q),
+                    prune_before: bucket(pn - cb_window - lateness(cfg), q),
                 });
                 let ww = (wg.window_s * 1000) as i64;
                 ri.wave = Some(ops.len());
                 ops.push(Op::Distinct {
                     key: "wi".into(),
                     since: now - cb_window.max(ww),
-                    prune_before: now - cb_window.max(ww) - lateness(cfg),
+                    prune_before: pn - cb_window.max(ww) - lateness(cfg),
                 });
             }
             updates.push(Update {
@@ -627,13 +637,13 @@ impl Detector {
                 Op::Distinct {
                     key: "wi".into(),
                     since: now - ww,
-                    prune_before: now - cb_window.max(ww) - lateness(cfg),
+                    prune_before: pn - cb_window.max(ww) - lateness(cfg),
                 },
                 Op::Sum {
                     key: "wcb".into(),
                     from: bucket(now - cb_window, q) + 1,
                     to: bucket(now, q),
-                    prune_before: bucket(now - cb_window - lateness(cfg), q),
+                    prune_before: bucket(pn - cb_window - lateness(cfg), q),
                 },
             ];
             updates.push(Update {

@@ -67,12 +67,64 @@ pub struct Processed {
 /// Event-time watermarks per input lane: a lane is one carrier's events in
 /// one partition (each carrier's feed is ordered by its own clock and
 /// partitions progress independently, so lateness is judged per lane).
+///
+/// They also give the *low watermark* below which window state may be
+/// pruned: the slowest carrier's event time. A carrier that backfills hours
+/// behind the others (a bulk `tollguard send`) must still find their calls
+/// in its windows, so pruning waits for it. Carriers listed as expected but
+/// not seen yet hold pruning back entirely; carriers silent for
+/// `STALE_MS` of wall time stop holding it.
 #[derive(Debug, Default, Clone)]
 pub struct Watermarks {
     lanes: HashMap<(i32, String), Millis>,
+    /// Per carrier: highest event time and the wall time it was seen.
+    carriers: HashMap<String, (Millis, Millis)>,
+    expected: Vec<String>,
 }
 
+/// A carrier silent for this long (wall time) no longer holds pruning back.
+pub const STALE_MS: Millis = 15 * 60_000;
+
 impl Watermarks {
+    /// Watermarks that wait for `expected` carriers before pruning.
+    pub fn expecting(expected: Vec<String>) -> Self {
+        Self {
+            expected,
+            ..Default::default()
+        }
+    }
+
+    /// The low watermark at wall time `wall`.
+    pub fn horizon(&self, wall: Millis) -> Millis {
+        if self.expected.iter().any(|p| !self.carriers.contains_key(p)) {
+            return Millis::MIN;
+        }
+        self.carriers
+            .values()
+            .filter(|(_, seen)| wall - *seen < STALE_MS)
+            .map(|(t, _)| *t)
+            .min()
+            .unwrap_or(Millis::MAX)
+    }
+
+    /// Observes an event of `partition` at wall time `wall`; true if it is
+    /// later than `lateness_ms` behind its lane's watermark.
+    pub fn observe_at(
+        &mut self,
+        partition: i32,
+        e: &CallEvent,
+        lateness_ms: i64,
+        wall: Millis,
+    ) -> bool {
+        let c = self
+            .carriers
+            .entry(e.provider_id.clone())
+            .or_insert((e.phase_time(), wall));
+        c.0 = c.0.max(e.phase_time());
+        c.1 = wall;
+        self.observe(partition, e, lateness_ms)
+    }
+
     /// Observes an event of `partition`; true if it is later than
     /// `lateness_ms` behind its lane's watermark.
     pub fn observe(&mut self, partition: i32, e: &CallEvent, lateness_ms: i64) -> bool {
@@ -242,11 +294,23 @@ impl Engine {
         late: &[bool],
         wall: Millis,
     ) -> Result<Processed, StoreError> {
+        self.process_at(events, late, Millis::MAX, wall).await
+    }
+
+    /// As [`Engine::process`], pruning window state only below `horizon`
+    /// (the input's low watermark, see [`Watermarks::horizon`]).
+    pub async fn process_at(
+        &self,
+        events: &[CallEvent],
+        late: &[bool],
+        horizon: Millis,
+        wall: Millis,
+    ) -> Result<Processed, StoreError> {
         let plans: Vec<_> = events
             .iter()
             .enumerate()
             .map(|(i, e)| {
-                let mut p = self.detector.plan(e);
+                let mut p = self.detector.plan_at(e, horizon);
                 p.late = late.get(i).copied().unwrap_or(false);
                 p
             })
