@@ -185,6 +185,19 @@ impl Stack {
         }
     }
 
+    /// Sends the carriers' files one after another (a backfill).
+    fn send_sequential(&self, files: &Path) {
+        for (provider, grpc, _) in &self.ingesters {
+            let file = files.join(format!("{provider}.jsonl"));
+            let st = Command::new(bin("tollguard"))
+                .args(["send", file.to_str().unwrap(), "--ingester", &format!("http://127.0.0.1:{grpc}")])
+                .stderr(std::process::Stdio::null())
+                .status()
+                .unwrap();
+            assert!(st.success(), "send to {provider}");
+        }
+    }
+
     /// Re-sends the first `n` lines of one carrier's file.
     fn send_one(&self, files: &Path, provider: &str, n: usize) {
         let (_, grpc, _) = self
@@ -496,4 +509,22 @@ async fn a_correlator_killed_mid_stream_restarts_with_the_same_incidents_and_no_
         critical(&embedded),
         "real {real:?} embedded {embedded:?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn carriers_sent_one_after_another_still_join() {
+    let dir = tempfile::tempdir().unwrap();
+    let (files, n) = scenario(dir.path());
+    let stack = Stack::start(dir.path()).await;
+    // Each carrier's whole history arrives only after the previous one's.
+    stack.send_sequential(&files);
+    stack.wait_processed(n as f64).await;
+    let alerts = stack.alerts().await;
+    let real = incidents(&alerts);
+    assert!(
+        alerts.iter().any(|a| a.rule == pb::Rule::MultiCarrierBurst as i32 && a.severity == pb::Severity::Critical as i32),
+        "the cross-carrier burst was missed: {real:?}"
+    );
+    let embedded = incidents(&embedded_incidents(&files, &stack.key, &stack.policies).await);
+    assert_eq!(critical(&real), critical(&embedded), "real {real:?} embedded {embedded:?}");
 }
