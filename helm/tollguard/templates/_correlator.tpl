@@ -8,6 +8,9 @@ group = {{ include "tollguard.tomlValue" $c.config.group }}
 batch_max = {{ include "tollguard.tomlValue" $c.config.batchMax }}
 poll_timeout_ms = {{ include "tollguard.tomlValue" $c.config.pollTimeoutMs }}
 hot_list_refresh_s = {{ include "tollguard.tomlValue" $c.config.hotListRefreshS }}
+# Every carrier of the consortium: window state is not pruned until each has
+# been seen, so a carrier backfilling late still joins the others.
+expected_providers = [{{- range $i, $carrier := $v.ingester.carriers }}{{ if $i }}, {{ end }}{{ $carrier.providerId | quote }}{{- end }}]
 rules_file = "/etc/tollguard/rules/rules.toml"
 policies_file = "/etc/tollguard/policies/policies.toml"
 
