@@ -190,7 +190,12 @@ impl Stack {
         for (provider, grpc, _) in &self.ingesters {
             let file = files.join(format!("{provider}.jsonl"));
             let st = Command::new(bin("tollguard"))
-                .args(["send", file.to_str().unwrap(), "--ingester", &format!("http://127.0.0.1:{grpc}")])
+                .args([
+                    "send",
+                    file.to_str().unwrap(),
+                    "--ingester",
+                    &format!("http://127.0.0.1:{grpc}"),
+                ])
                 .stderr(std::process::Stdio::null())
                 .status()
                 .unwrap();
@@ -522,9 +527,16 @@ async fn carriers_sent_one_after_another_still_join() {
     let alerts = stack.alerts().await;
     let real = incidents(&alerts);
     assert!(
-        alerts.iter().any(|a| a.rule == pb::Rule::MultiCarrierBurst as i32 && a.severity == pb::Severity::Critical as i32),
+        alerts
+            .iter()
+            .any(|a| a.rule == pb::Rule::MultiCarrierBurst as i32
+                && a.severity == pb::Severity::Critical as i32),
         "the cross-carrier burst was missed: {real:?}"
     );
     let embedded = incidents(&embedded_incidents(&files, &stack.key, &stack.policies).await);
-    assert_eq!(critical(&real), critical(&embedded), "real {real:?} embedded {embedded:?}");
+    assert_eq!(
+        critical(&real),
+        critical(&embedded),
+        "real {real:?} embedded {embedded:?}"
+    );
 }
