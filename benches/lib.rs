@@ -1,0 +1,2 @@
+//! Benchmarks live in `benches/benches/`; run them with
+//! `cargo bench -p tollguard-benches`. See BENCHMARKS.md.
