@@ -15,7 +15,7 @@ use tollguard_core::store::WindowStore;
 use tollguard_correlator::config::CorrelatorConfig;
 use tollguard_correlator::metrics::Metrics;
 use tollguard_correlator::{Topics, Worker, WorkerError};
-use tollguard_runtime::config::{exit_config, load, read_secret};
+use tollguard_runtime::config::{exit_config, load, read_file as read, read_secret};
 use tollguard_runtime::health::{self, Health};
 use tollguard_runtime::kafka::KafkaBus;
 use tollguard_runtime::redis_store::RedisStore;
@@ -32,11 +32,6 @@ struct Args {
     /// Validate the configuration and exit (0 if valid, 64 if not).
     #[arg(long)]
     check_config: bool,
-}
-
-fn read(key: &str, p: &PathBuf) -> Result<String, ConfigError> {
-    std::fs::read_to_string(p)
-        .map_err(|e| ConfigError::new(key, format!("cannot read {}: {e}", p.display())))
 }
 
 /// Loads rules and policies into a detector.

@@ -17,7 +17,7 @@ use tollguard_ingester::config::IngesterConfig;
 use tollguard_ingester::metrics::Metrics;
 use tollguard_ingester::service::IngestService;
 use tollguard_proto::v1::ingest_server::IngestServer;
-use tollguard_runtime::config::{exit_config, load, read_secret};
+use tollguard_runtime::config::{exit_config, load, read_file as read, read_secret};
 use tollguard_runtime::health::{self, Health};
 use tollguard_runtime::kafka::KafkaBus;
 use tollguard_runtime::{shutdown, telemetry};
@@ -33,11 +33,6 @@ struct Args {
     /// Validate the configuration and exit (0 if valid, 64 if not).
     #[arg(long)]
     check_config: bool,
-}
-
-fn read(key: &str, p: &PathBuf) -> Result<String, ConfigError> {
-    std::fs::read_to_string(p)
-        .map_err(|e| ConfigError::new(key, format!("cannot read {}: {e}", p.display())))
 }
 
 fn build(cfg: &IngesterConfig) -> Result<Ingestor, ConfigError> {

@@ -116,6 +116,12 @@ pub fn from_table<T: DeserializeOwned>(name: &str, table: toml::Table) -> Result
     })
 }
 
+/// Reads a configuration file (rules, policies, tables); errors name `key`.
+pub fn read_file(key: &str, path: &Path) -> Result<String, ConfigError> {
+    std::fs::read_to_string(path)
+        .map_err(|e| ConfigError::new(key, format!("cannot read {}: {e}", path.display())))
+}
+
 /// Reads a secret from a file (trailing newline trimmed); errors name `key`
 /// but never include the content.
 pub fn read_secret(key: &str, path: &Path) -> Result<String, ConfigError> {
