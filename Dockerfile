@@ -55,7 +55,9 @@ COPY services/correlator/Cargo.toml services/correlator/Cargo.toml
 COPY services/notifier/Cargo.toml services/notifier/Cargo.toml
 COPY services/cli/Cargo.toml services/cli/Cargo.toml
 COPY tests/Cargo.toml tests/Cargo.toml
+COPY benches/Cargo.toml benches/Cargo.toml
 RUN set -eu; \
+    echo '' > benches/lib.rs; \
     for d in proto tests services/*; do \
       mkdir -p "$d/src"; \
       echo '' > "$d/src/lib.rs"; \
@@ -66,7 +68,7 @@ RUN set -eu; \
     cargo build --release --locked \
       -p tollguard-ingester -p tollguard-correlator -p tollguard-notifier -p tollguard-cli \
       --bins; \
-    rm -rf proto/src tests/src services/*/src proto/build.rs tests/build.rs services/*/build.rs; \
+    rm -rf proto/src tests/src services/*/src proto/build.rs tests/build.rs services/*/build.rs benches/lib.rs; \
     find target/release -maxdepth 1 -type f -name 'tollguard*' -delete
 
 # 2. The sources. Files are touched so that cargo never takes a stub's

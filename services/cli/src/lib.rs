@@ -4,6 +4,7 @@
 //! Architecture invariant: commands compose the service libraries; no rule,
 //! normalisation or incident logic lives here.
 
+pub mod audit;
 pub mod common;
 pub mod demo;
 pub mod embedded;

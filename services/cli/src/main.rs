@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use tollguard_cli::{common::PipelineOpts, demo, eval, hotlist, replay, send, simulate};
+use tollguard_cli::{audit, common::PipelineOpts, demo, eval, hotlist, replay, send, simulate};
 use tollguard_core::number::{DialPlan, Normalizer};
 use tollguard_core::pseudo::{Key, Kind};
 use tollguard_core::tables::RiskTable;
@@ -36,6 +36,10 @@ enum Command {
     /// Run the labelled scenario suite and score detection (campaigns
     /// caught, time to detect, false alarms per million benign calls).
     Eval(eval::EvalArgs),
+    /// Verify the proof-of-warning ledger, or show who was warned of an
+    /// incident and when.
+    #[command(subcommand)]
+    Audit(audit::AuditCmd),
     /// Manage the consortium hot list used by the `hot_number` rule.
     #[command(subcommand)]
     Hotlist(hotlist::HotlistCmd),
@@ -111,6 +115,10 @@ fn main() -> ExitCode {
                 } else {
                     ExitCode::FAILURE
                 })
+            }
+            Command::Audit(cmd) => {
+                let code = audit::run(&cmd, &mut out).await?;
+                Ok(ExitCode::from(code.clamp(0, 255) as u8))
             }
             Command::Hotlist(cmd) => {
                 hotlist::run(&cmd, &mut out).await?;
