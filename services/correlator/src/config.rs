@@ -80,19 +80,7 @@ impl Default for TopicNames {
 }
 
 /// Optional key, to resolve policies written with customer ids.
-#[derive(Debug, Clone, Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-pub struct KeyConfig {
-    /// Key id.
-    #[serde(default)]
-    pub key_id: String,
-    /// Key file.
-    #[serde(default)]
-    pub key_file: Option<PathBuf>,
-    /// Key (e.g. from the environment); never logged.
-    #[serde(default)]
-    pub key: Option<String>,
-}
+pub use tollguard_runtime::config::KeyConfig;
 
 /// The whole correlator config.
 #[derive(Debug, Clone, Deserialize)]

@@ -9,13 +9,12 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use tollguard_core::ConfigError;
-use tollguard_core::pseudo::Key;
 use tollguard_core::rules::{Detector, Engine, HotList, Policies, Policy, RulesConfig};
 use tollguard_core::store::WindowStore;
 use tollguard_correlator::config::CorrelatorConfig;
 use tollguard_correlator::metrics::Metrics;
 use tollguard_correlator::{Topics, Worker, WorkerError};
-use tollguard_runtime::config::{exit_config, load, read_file as read, read_secret};
+use tollguard_runtime::config::{exit_config, load, read_file as read};
 use tollguard_runtime::health::{self, Health};
 use tollguard_runtime::kafka::KafkaBus;
 use tollguard_runtime::redis_store::RedisStore;
@@ -42,14 +41,7 @@ fn detector(cfg: &CorrelatorConfig) -> Result<Detector, ConfigError> {
         None => RulesConfig::default(),
     };
     let th = rules.validate()?;
-    let key = match (&cfg.pseudonymization.key_file, &cfg.pseudonymization.key) {
-        (Some(f), _) => Some(Key::from_text(
-            &cfg.pseudonymization.key_id,
-            &read_secret("pseudonymization.key_file", f)?,
-        )?),
-        (None, Some(k)) => Some(Key::from_text(&cfg.pseudonymization.key_id, k)?),
-        (None, None) => None,
-    };
+    let key = cfg.pseudonymization.load(None)?;
     let defaults = Policy {
         daily_cap: th.daily_cap,
         hourly_cap: th.hourly_cap,

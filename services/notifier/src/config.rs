@@ -15,7 +15,7 @@ use reqwest::Url;
 use serde::Deserialize;
 use tokio::sync::Semaphore;
 use tollguard_core::ConfigError;
-use tollguard_core::pseudo::{Key, Kind};
+use tollguard_core::pseudo::Kind;
 use tollguard_proto::v1 as pb;
 use tollguard_runtime::kafka::KafkaSettings;
 
@@ -526,19 +526,7 @@ impl NotifierConfig {
 // contacts.toml
 
 /// The consortium key, to pseudonymise `customer_id`s.
-#[derive(Debug, Clone, Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-pub struct KeyConfig {
-    /// Key id.
-    #[serde(default)]
-    pub key_id: String,
-    /// Key file.
-    #[serde(default)]
-    pub key_file: Option<PathBuf>,
-    /// Key (e.g. from the environment); never logged.
-    #[serde(default)]
-    pub key: Option<String>,
-}
+pub use tollguard_runtime::config::KeyConfig;
 
 /// A webhook endpoint entry.
 #[derive(Debug, Clone, Deserialize)]
@@ -867,20 +855,7 @@ pub fn parse_contacts(
 ) -> Result<Routing, ConfigError> {
     let table: toml::Table = toml::from_str(text).map_err(|e| ConfigError::from_toml(name, &e))?;
     let file: ContactsFile = tollguard_runtime::config::from_table(name, table)?;
-    let key = match (&file.pseudonymization.key_file, &file.pseudonymization.key) {
-        (Some(f), _) => {
-            let path = match base {
-                Some(b) if f.is_relative() => b.join(f),
-                _ => f.clone(),
-            };
-            Some(Key::from_text(
-                &file.pseudonymization.key_id,
-                &tollguard_runtime::config::read_secret("pseudonymization.key_file", &path)?,
-            )?)
-        }
-        (None, Some(k)) => Some(Key::from_text(&file.pseudonymization.key_id, k)?),
-        (None, None) => None,
-    };
+    let key = file.pseudonymization.load(base)?;
     let mut b = Builder {
         default_concurrency,
         by_url: HashMap::new(),
@@ -1066,7 +1041,7 @@ mod tests {
             r.carriers["kpn"].webhooks[0].redacted(),
             "hooks.kpn.example"
         );
-        let key = Key::from_text("k1", KEY).unwrap();
+        let key = tollguard_core::pseudo::Key::from_text("k1", KEY).unwrap();
         let tok = key.token(Kind::Customer, "kvk:30123456");
         let alert = pb::Alert {
             providers: vec!["kpn".into(), "bt".into()],

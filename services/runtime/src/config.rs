@@ -130,6 +130,45 @@ pub fn read_secret(key: &str, path: &Path) -> Result<String, ConfigError> {
         .map_err(|e| ConfigError::new(key, format!("cannot read {}: {e}", path.display())))
 }
 
+/// An optional consortium pseudonymisation key (`[pseudonymization]`),
+/// used by services that resolve customer ids in policies or contacts.
+#[derive(Debug, Clone, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyConfig {
+    /// Key id.
+    #[serde(default)]
+    pub key_id: String,
+    /// Key file (relative paths resolve against `base` in [`KeyConfig::load`]).
+    #[serde(default)]
+    pub key_file: Option<std::path::PathBuf>,
+    /// Key (e.g. from the environment); never logged.
+    #[serde(default)]
+    pub key: Option<String>,
+}
+
+impl KeyConfig {
+    /// The key, if one is configured; a relative `key_file` is taken
+    /// relative to `base`.
+    pub fn load(
+        &self,
+        base: Option<&Path>,
+    ) -> Result<Option<tollguard_core::pseudo::Key>, ConfigError> {
+        use tollguard_core::pseudo::Key;
+        match (&self.key_file, &self.key) {
+            (Some(f), _) => {
+                let path = match base {
+                    Some(b) if f.is_relative() => b.join(f),
+                    _ => f.clone(),
+                };
+                let secret = read_secret("pseudonymization.key_file", &path)?;
+                Ok(Some(Key::from_text(&self.key_id, &secret)?))
+            }
+            (None, Some(k)) => Ok(Some(Key::from_text(&self.key_id, k)?)),
+            (None, None) => Ok(None),
+        }
+    }
+}
+
 /// Prints a configuration error and exits with [`EXIT_CONFIG`].
 pub fn exit_config(err: &ConfigError) -> ! {
     eprintln!("configuration error: {err}");
