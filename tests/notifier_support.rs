@@ -125,6 +125,14 @@ pub fn alert(
     }
 }
 
+/// Now, Unix millis.
+pub fn wall_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
 pub fn chrono_now() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -210,6 +218,8 @@ pub enum Behaviour {
 #[derive(Debug, Clone)]
 pub struct Received {
     pub at: Instant,
+    /// Wall-clock receive time, Unix millis.
+    pub wall_ms: i64,
     pub headers: BTreeMap<String, String>,
     pub body: String,
     pub status: u16,
@@ -253,6 +263,7 @@ async fn receive(
         let mut log = s.log.lock().unwrap();
         log.push(Received {
             at: Instant::now(),
+            wall_ms: wall_ms(),
             headers: h,
             body: String::from_utf8_lossy(&body).to_string(),
             status: 0,
