@@ -4,15 +4,18 @@
 //! * **One connection.** A single multiplexed, auto-reconnecting
 //!   [`ConnectionManager`] (or a [`ClusterConnection`] for Redis Cluster),
 //!   cloned per call; never a connection per request.
-//! * **One script per update.** The Lua script `APPLY` applies a whole
-//!   [`Update`] atomically: the dedupe marker (`SET NX PX`) decides whether
-//!   the writes run, reads always run, and every key written gets its TTL.
-//!   Its `KEYS` are the marker and the op keys, all under the scope's
-//!   `{<tag>}`, so they share one Cluster hash slot.
+//! * **One script call per run of updates.** The Lua script `APPLY` applies
+//!   each [`Update`] atomically: the dedupe marker (`SET NX PX`) decides
+//!   whether the writes run, reads always run, and every key written gets
+//!   its TTL (once per update). One call carries up to `UPDATES_PER_CALL`
+//!   consecutive updates, which amortises the fixed cost of a script call.
+//!   An update's `KEYS` are the marker and the op keys, all under the
+//!   scope's `{<tag>}`; on a cluster a call only ever carries updates of one
+//!   scope, so they share one hash slot.
 //! * **One round trip per batch.** [`WindowStore::apply`] sends the batch as
 //!   one pipeline of `EVALSHA`s. The script is loaded at connect; when the
 //!   server has lost it (`NOSCRIPT` after a restart or `SCRIPT FLUSH`), it is
-//!   loaded again and only the updates that failed are re-sent — an update
+//!   loaded again and only the calls that failed are re-sent — an update
 //!   that ran is never sent twice, so none is wrongly reported as duplicate.
 //!   On a cluster the batch is split per scope (a pipeline must stay in one
 //!   slot) and the pipelines run concurrently; updates of different scopes
@@ -56,26 +59,26 @@ use tollguard_core::store::{
     Groups, Op, OpResult, Outcome, Scope, StateWrite, Update, Val, WindowStore,
 };
 
-/// Applies one [`Update`] atomically. See the header comment for its
-/// calling convention; [`RedisStore`] builds the arguments in `encode`.
+/// Applies a run of [`Update`]s, each atomically (the whole call is one
+/// script, so the run is atomic too). See the header comment for its calling
+/// convention; [`RedisStore`] builds the arguments in `encode` and `chunk_cmd`.
 const APPLY: &str = r#"
--- TollGuard: apply one window-store update atomically (redis_store.rs).
--- KEYS[1]   the update's dedupe marker; KEYS[2..] every key its ops touch
---           (all under the scope's {tag}: one hash slot, Cluster-safe).
--- ARGV[1]   TTL in ms of the marker and of every scope key written.
--- ARGV[2..] the ops, one after another: op code, index of its key in KEYS,
---           then the op's parameters (listed at each branch below).
--- Reply     { duplicate 1|0, result of op 1, result of op 2, ... }, each an
---           integer (CallMax, Has; 0 for the other writes) or, for Sum,
---           Distinct and Overlap, a flat { total, group, n, group, n, ... }.
+-- TollGuard: apply window-store updates atomically (redis_store.rs).
+-- KEYS      the keys of every update, one update after another: its dedupe
+--           marker, then every key its ops touch (on a cluster all the
+--           updates of one call share a scope, so one {tag}: one hash slot).
+-- ARGV[1]   the number of updates; then per update: the number of its KEYS,
+--           the TTL in ms of its marker and of every scope key it writes,
+--           the number of op arguments, and the ops one after another: op
+--           code, index of its key among the update's KEYS, then the op's
+--           parameters (listed at each branch below).
+-- Reply     per update { duplicate 1|0, result of op 1, result of op 2, ... },
+--           each an integer (CallMax, Has; 0 for the other writes) or, for
+--           Sum, Distinct and Overlap, a flat { total, group, n, group, n, ... }.
 -- Numbers are Lua doubles, exact up to 2^53; arguments are copied to Redis
 -- as the caller's decimal strings wherever possible.
 
-local ttl = ARGV[1]
--- The marker decides: a re-delivered event skips every write; reads run.
-local dup = not redis.call('SET', KEYS[1], '1', 'NX', 'PX', ttl)
-
-local pos = 1 -- ARGV cursor
+local pos = 1 -- ARGV cursor (last argument consumed)
 local function take(n) -- the next n arguments, in order
   local first = pos + 1
   pos = pos + n
@@ -110,112 +113,143 @@ local function span(v)
   return s, e, c, g
 end
 
-local ints = {} -- integer result of each op, for Val::Ref and `when`
-local function int_of(i) return ints[tonumber(i) + 1] or 0 end -- i is 0-based
-
-local res = { dup and 1 or 0 }
-local n = 0
-while pos < #ARGV do
-  n = n + 1
-  local code, ki = take(2)
-  local key = KEYS[tonumber(ki)]
-  local r = 0
-  if code == 'M' then -- CallMax: field, value, ttl of the call key
-    local field, v, call_ttl = take(3)
-    if not dup then
-      local old = tonumber(redis.call('HGET', key, field) or '0')
-      if tonumber(v) > old then
-        r = tonumber(v) - old
-        redis.call('HSET', key, field, v)
-      end
-      redis.call('PEXPIRE', key, call_ttl)
-    end
-    ints[n] = r
-  elseif code == 'A' then -- Add: bucket, group, '=' value | '@' op, when ('' | op)
-    local bucket, group, kind, v, when = take(5)
-    local d = v -- a constant goes to Redis exactly as the caller wrote it
-    if kind == '@' then d = string.format('%d', int_of(v)) end
-    local enabled = when == '' or int_of(when) ~= 0
-    if not dup and tonumber(d) ~= 0 and enabled then
-      redis.call('HINCRBY', key, bucket .. '|' .. group, d)
-      redis.call('PEXPIRE', key, ttl)
-    end
-  elseif code == 'S' then -- Sum: from, to, prune_before
-    local from, to, prune = take(3)
-    from, to, prune = tonumber(from), tonumber(to), tonumber(prune)
-    local g = new_groups()
-    local h = redis.call('HGETALL', key)
-    for j = 1, #h, 2 do
-      local b, group = split(h[j])
-      if b == nil then b, group = h[j], '' end
-      b = tonumber(b) or -math.huge
-      if b < prune then
-        redis.call('HDEL', key, h[j])
-      elseif b >= from and b <= to then
-        local v = tonumber(h[j + 1])
-        g.total = g.total + v
-        add_to(g, group, v)
-      end
-    end
-    r = flat(g)
-  elseif code == 'K' then -- Mark: group, id, ts (the latest ts is kept)
-    local group, id, ts = take(3)
-    if not dup then
-      redis.call('ZADD', key, 'GT', ts, group .. '|' .. id)
-      redis.call('PEXPIRE', key, ttl)
-    end
-  elseif code == 'D' then -- Distinct: since, prune_before
-    local since, prune = take(2)
-    redis.call('ZREMRANGEBYSCORE', key, '-inf', '(' .. prune)
-    local g, seen = new_groups(), {}
-    for _, m in ipairs(redis.call('ZRANGEBYSCORE', key, since, '+inf')) do
-      local group, id = split(m)
-      if not seen[id] then seen[id] = true; g.total = g.total + 1 end
-      add_to(g, group or '', 1)
-    end
-    r = flat(g)
-  elseif code == 'H' then -- Has: group, id, since
-    local group, id, since = take(3)
-    local ts = redis.call('ZSCORE', key, group .. '|' .. id)
-    if ts and tonumber(ts) >= tonumber(since) then r = 1 end
-    ints[n] = r
-  elseif code == 'P' then -- Span: id, group, start, end, closed (1|0)
-    local id, group, s, e, c = take(5)
-    if not dup then
-      local cur = redis.call('HGET', key, id)
-      if cur then -- union: earliest start, latest end, closed sticks, first group
-        local os, oe, oc, og = span(cur)
-        if tonumber(os) < tonumber(s) then s = os end
-        if tonumber(oe) > tonumber(e) then e = oe end
-        if oc == '1' then c = '1' end
-        group = og
-      end
-      redis.call('HSET', key, id, s .. ',' .. e .. ',' .. c .. ',' .. group)
-      redis.call('PEXPIRE', key, ttl)
-    end
-  elseif code == 'O' then -- Overlap: at, open_horizon, prune_before
-    local at, horizon, prune = take(3)
-    at, horizon, prune = tonumber(at), tonumber(horizon), tonumber(prune)
-    local g = new_groups()
-    local h = redis.call('HGETALL', key)
-    for j = 1, #h, 2 do
-      local s, e, c, group = span(h[j + 1])
-      local untl = tonumber(e)
-      if c ~= '1' then untl = untl + horizon end
-      if untl < prune then
-        redis.call('HDEL', key, h[j])
-      elseif tonumber(s) <= at and at <= untl then
-        g.total = g.total + 1
-        add_to(g, group, 1)
-      end
-    end
-    r = flat(g)
-  else
-    return redis.error_reply('ERR tollguard apply: unknown op code ' .. tostring(code))
+-- HDEL of many fields, a bounded number per call (Lua's C stack).
+local function hdel(key, fields)
+  local i = 1
+  while i <= #fields do
+    local j = math.min(i + 999, #fields)
+    redis.call('HDEL', key, unpack(fields, i, j))
+    i = j + 1
   end
-  res[#res + 1] = r
 end
-return res
+
+local replies = {}
+local kbase = 0 -- KEYS offset of the current update
+for u = 1, tonumber(ARGV[1]) do
+  local nkeys, ttl, nargs = take(3)
+  local stop = pos + tonumber(nargs)
+  -- The marker decides: a re-delivered event skips every write; reads run.
+  local dup = not redis.call('SET', KEYS[kbase + 1], '1', 'NX', 'PX', ttl)
+  -- Each key written gets its TTL once, at the end of the update (the last
+  -- TTL given wins, as if set after every write).
+  local expire, expire_order = {}, {}
+  local function touch(key, t)
+    if expire[key] == nil then expire_order[#expire_order + 1] = key end
+    expire[key] = t
+  end
+  local ints = {} -- integer result of each op, for Val::Ref and `when`
+  local function int_of(i) return ints[tonumber(i) + 1] or 0 end -- i is 0-based
+  local res = { dup and 1 or 0 }
+  local n = 0
+  while pos < stop do
+    n = n + 1
+    local code, ki = take(2)
+    local key = KEYS[kbase + tonumber(ki)]
+    local r = 0
+    if code == 'M' then -- CallMax: field, value, ttl of the call key
+      local field, v, call_ttl = take(3)
+      if not dup then
+        local old = tonumber(redis.call('HGET', key, field) or '0')
+        if tonumber(v) > old then
+          r = tonumber(v) - old
+          redis.call('HSET', key, field, v)
+        end
+        touch(key, call_ttl)
+      end
+      ints[n] = r
+    elseif code == 'A' then -- Add: bucket, group, '=' value | '@' op, when ('' | op)
+      local bucket, group, kind, v, when = take(5)
+      local d = v -- a constant goes to Redis exactly as the caller wrote it
+      if kind == '@' then d = string.format('%d', int_of(v)) end
+      local enabled = when == '' or int_of(when) ~= 0
+      if not dup and tonumber(d) ~= 0 and enabled then
+        redis.call('HINCRBY', key, bucket .. '|' .. group, d)
+        touch(key, ttl)
+      end
+    elseif code == 'S' then -- Sum: from, to, prune_before
+      local from, to, prune = take(3)
+      from, to, prune = tonumber(from), tonumber(to), tonumber(prune)
+      local g = new_groups()
+      local dead = {}
+      local h = redis.call('HGETALL', key)
+      for j = 1, #h, 2 do
+        local b, group = split(h[j])
+        if b == nil then b, group = h[j], '' end
+        b = tonumber(b) or -math.huge
+        if b < prune then
+          dead[#dead + 1] = h[j]
+        elseif b >= from and b <= to then
+          local v = tonumber(h[j + 1])
+          g.total = g.total + v
+          add_to(g, group, v)
+        end
+      end
+      hdel(key, dead)
+      r = flat(g)
+    elseif code == 'K' then -- Mark: group, id, ts (the latest ts is kept)
+      local group, id, ts = take(3)
+      if not dup then
+        redis.call('ZADD', key, 'GT', ts, group .. '|' .. id)
+        touch(key, ttl)
+      end
+    elseif code == 'D' then -- Distinct: since, prune_before
+      local since, prune = take(2)
+      redis.call('ZREMRANGEBYSCORE', key, '-inf', '(' .. prune)
+      local g, seen = new_groups(), {}
+      for _, m in ipairs(redis.call('ZRANGEBYSCORE', key, since, '+inf')) do
+        local group, id = split(m)
+        if not seen[id] then seen[id] = true; g.total = g.total + 1 end
+        add_to(g, group or '', 1)
+      end
+      r = flat(g)
+    elseif code == 'H' then -- Has: group, id, since
+      local group, id, since = take(3)
+      local ts = redis.call('ZSCORE', key, group .. '|' .. id)
+      if ts and tonumber(ts) >= tonumber(since) then r = 1 end
+      ints[n] = r
+    elseif code == 'P' then -- Span: id, group, start, end, closed (1|0)
+      local id, group, s, e, c = take(5)
+      if not dup then
+        local cur = redis.call('HGET', key, id)
+        if cur then -- union: earliest start, latest end, closed sticks, first group
+          local os, oe, oc, og = span(cur)
+          if tonumber(os) < tonumber(s) then s = os end
+          if tonumber(oe) > tonumber(e) then e = oe end
+          if oc == '1' then c = '1' end
+          group = og
+        end
+        redis.call('HSET', key, id, s .. ',' .. e .. ',' .. c .. ',' .. group)
+        touch(key, ttl)
+      end
+    elseif code == 'O' then -- Overlap: at, open_horizon, prune_before
+      local at, horizon, prune = take(3)
+      at, horizon, prune = tonumber(at), tonumber(horizon), tonumber(prune)
+      local g = new_groups()
+      local dead = {}
+      local h = redis.call('HGETALL', key)
+      for j = 1, #h, 2 do
+        local s, e, c, group = span(h[j + 1])
+        local untl = tonumber(e)
+        if c ~= '1' then untl = untl + horizon end
+        if untl < prune then
+          dead[#dead + 1] = h[j]
+        elseif tonumber(s) <= at and at <= untl then
+          g.total = g.total + 1
+          add_to(g, group, 1)
+        end
+      end
+      hdel(key, dead)
+      r = flat(g)
+    else
+      return redis.error_reply('ERR tollguard apply: unknown op code ' .. tostring(code))
+    end
+    res[#res + 1] = r
+  end
+  for _, k in ipairs(expire_order) do redis.call('PEXPIRE', k, expire[k]) end
+  replies[u] = res
+  kbase = kbase + tonumber(nkeys)
+end
+return replies
 "#;
 
 /// Compare-and-set of one state value.
@@ -363,15 +397,30 @@ struct Encoded {
     args: Vec<String>,
 }
 
-impl Encoded {
-    fn evalsha(&self, sha: &str) -> Cmd {
-        let mut c = redis::cmd("EVALSHA");
-        c.arg(sha)
-            .arg(self.keys.len())
-            .arg(&self.keys)
-            .arg(&self.args);
-        c
+/// Updates per `EVALSHA`: amortises the fixed cost of a script call (script
+/// lookup, `KEYS`/`ARGV` tables, reply) over several updates, while keeping
+/// each call short (Redis runs one script at a time: ~32 updates are a few
+/// milliseconds at most).
+const UPDATES_PER_CALL: usize = 32;
+
+/// One `EVALSHA` of [`APPLY`] over `chunk` (its `ARGV[1]` is the count, then
+/// per update: its key count, TTL, argument count and arguments).
+fn chunk_cmd(sha: &str, chunk: &[&Encoded]) -> Cmd {
+    let nkeys: usize = chunk.iter().map(|e| e.keys.len()).sum();
+    let mut c = redis::cmd("EVALSHA");
+    c.arg(sha).arg(nkeys);
+    for e in chunk {
+        c.arg(&e.keys);
     }
+    c.arg(chunk.len());
+    for e in chunk {
+        // args[0] is the TTL, the rest the ops.
+        c.arg(e.keys.len())
+            .arg(&e.args[0])
+            .arg(e.args.len() - 1)
+            .arg(&e.args[1..]);
+    }
+    c
 }
 
 /// Builds `KEYS`/`ARGV` of one update.
@@ -634,16 +683,18 @@ impl RedisStore {
         self
     }
 
-    /// Runs `batch` as one pipeline of `EVALSHA`s and returns one reply per
-    /// update, re-loading the script and re-sending only the updates that
-    /// met `NOSCRIPT`.
+    /// Runs `batch` as one pipeline of `EVALSHA`s (each over up to
+    /// [`UPDATES_PER_CALL`] consecutive updates) and returns one reply per
+    /// update, re-loading the script and re-sending only the calls that met
+    /// `NOSCRIPT` (a call that met it ran none of its updates).
     async fn eval_pipeline(&self, batch: &[&Encoded]) -> Result<Vec<Value>, StoreError> {
-        let mut replies: Vec<Option<Value>> = vec![None; batch.len()];
-        let mut pending: Vec<usize> = (0..batch.len()).collect();
+        let chunks: Vec<&[&Encoded]> = batch.chunks(UPDATES_PER_CALL).collect();
+        let mut replies: Vec<Option<Value>> = vec![None; chunks.len()];
+        let mut pending: Vec<usize> = (0..chunks.len()).collect();
         for attempt in 0..=NOSCRIPT_RELOADS {
             let mut pipe = redis::pipe();
             for &i in &pending {
-                pipe.add_command(batch[i].evalsha(self.apply.get_hash()));
+                pipe.add_command(chunk_cmd(self.apply.get_hash(), chunks[i]));
             }
             let mut c = self.conn.clone();
             // The per-command replies, errors included (`Pipeline::query_async`
@@ -668,7 +719,7 @@ impl RedisStore {
                     noscript
                 }
                 // The cluster client folds per-command errors into one: all
-                // of this (single-node) pipeline is re-sent. Only a script
+                // of this (single-slot) pipeline is re-sent. Only a script
                 // flush in the middle of the pipeline could then report an
                 // update that ran as a duplicate — as a connection lost
                 // mid-batch does anyway.
@@ -684,16 +735,26 @@ impl RedisStore {
                 )));
             }
             tracing::warn!(
-                updates = noscript.len(),
+                calls = noscript.len(),
                 "redis lost the apply script (NOSCRIPT); reloading and re-sending"
             );
             self.load(&self.apply).await?;
             pending = noscript;
         }
-        replies
-            .into_iter()
-            .map(|r| r.ok_or_else(|| protocol("missing apply reply")))
-            .collect()
+        let mut out = Vec::with_capacity(batch.len());
+        for (chunk, reply) in chunks.iter().zip(replies) {
+            match reply {
+                Some(Value::Array(items)) if items.len() == chunk.len() => out.extend(items),
+                Some(other) => {
+                    return Err(protocol(format!(
+                        "apply returned {other:?} for {} updates",
+                        chunk.len()
+                    )));
+                }
+                None => return Err(protocol("missing apply reply")),
+            }
+        }
+        Ok(out)
     }
 }
 
