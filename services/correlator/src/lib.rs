@@ -143,7 +143,22 @@ impl Worker {
         if batch.is_empty() {
             return Ok(StepReport::default());
         }
-        match self.process(&batch).await {
+        // The batch's consumer span, linked to the traces of its records.
+        let span = tracing::info_span!(
+            "process",
+            otel.name = format!("{} process", self.topics.calls),
+            otel.kind = "consumer",
+            messaging.system = "kafka",
+            messaging.operation.type = "process",
+            messaging.destination.name = %self.topics.calls,
+            messaging.batch.message_count = batch.len(),
+        );
+        tollguard_runtime::otel::add_links(
+            &span,
+            batch.iter().filter_map(|r| r.header(HEADER_TRACEPARENT)),
+            128,
+        );
+        match tracing::Instrument::instrument(self.process(&batch), span).await {
             Ok(r) => Ok(r),
             Err(e) => {
                 self.pending = Some(batch);
@@ -204,6 +219,9 @@ impl Worker {
         }
         report.duplicates = processed.duplicates;
         report.late = processed.late;
+        // One span per alert in the trace of the event that triggered it,
+        // open until the alert is published.
+        let mut alert_spans = Vec::with_capacity(processed.alerts.len());
         for a in &processed.alerts {
             let parent = parents
                 .iter()
@@ -213,16 +231,29 @@ impl Worker {
                 tollguard_core::bus::HEADER_SCHEMA.to_string(),
                 b"1".to_vec(),
             )];
-            if let Some(tp) = child_traceparent(parent) {
-                headers.push((HEADER_TRACEPARENT.into(), tp.into_bytes()));
-            }
-            tracing::info!(
+            let span = tracing::info_span!(
+                "alert",
                 incident = %a.incident_id,
                 version = a.version,
                 rule = %tollguard_core::render::rule_name(a),
                 severity = %tollguard_core::render::severity_name(a),
-                "alert"
             );
+            tollguard_runtime::otel::set_parent(&span, parent);
+            if let Some(tp) =
+                tollguard_runtime::otel::traceparent(&span).or_else(|| child_traceparent(parent))
+            {
+                headers.push((HEADER_TRACEPARENT.into(), tp.into_bytes()));
+            }
+            span.in_scope(|| {
+                tracing::info!(
+                    incident = %a.incident_id,
+                    version = a.version,
+                    rule = %tollguard_core::render::rule_name(a),
+                    severity = %tollguard_core::render::severity_name(a),
+                    "alert"
+                )
+            });
+            alert_spans.push(span);
             if let Some(m) = &self.metrics {
                 m.alert(a);
             }
@@ -235,8 +266,18 @@ impl Worker {
         }
         report.alerts = processed.alerts.len();
         if !out.is_empty() {
-            self.bus.publish(out).await?;
+            let span = tracing::info_span!(
+                "publish",
+                otel.name = format!("{} publish", self.topics.alerts),
+                otel.kind = "producer",
+                messaging.system = "kafka",
+                messaging.operation.type = "send",
+                messaging.destination.name = %self.topics.alerts,
+                messaging.batch.message_count = out.len(),
+            );
+            tracing::Instrument::instrument(self.bus.publish(out), span).await?;
         }
+        drop(alert_spans);
         self.engine.confirm(processed).await?;
         self.sub.commit(batch).await?;
         if let Some(m) = &self.metrics {

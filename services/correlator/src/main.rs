@@ -75,8 +75,11 @@ fn main() {
         .expect("tokio runtime");
     if let Err(e) = rt.block_on(run(cfg, det)) {
         tracing::error!(error = %e, "correlator failed");
+        telemetry::shutdown();
         std::process::exit(1);
     }
+    // Flush the spans of the drain (after the graceful stop).
+    telemetry::shutdown();
 }
 
 async fn run(cfg: CorrelatorConfig, det: Detector) -> anyhow::Result<()> {

@@ -80,8 +80,23 @@ impl IngestCore {
         now: i64,
         traceparent: Option<&str>,
     ) -> Result<BatchOutcome, PublishError> {
+        use tracing::Instrument as _;
         let mut out = BatchOutcome::default();
         let mut batch = Vec::with_capacity(records.len());
+        // The producer span: its traceparent goes into every record's
+        // headers (the correlator continues from it). With traces off, the
+        // caller's traceparent or a new one per record.
+        let span = tracing::info_span!(
+            "publish",
+            otel.name = format!("{} publish", self.topic),
+            otel.kind = "producer",
+            messaging.system = "kafka",
+            messaging.operation.type = "send",
+            messaging.destination.name = %self.topic,
+            messaging.batch.message_count = tracing::field::Empty,
+        );
+        let span_tp = tollguard_runtime::otel::traceparent(&span);
+        let traceparent = span_tp.as_deref().or(traceparent);
         for (i, r) in records.iter().enumerate() {
             match self.ingestor.ingest(r, now) {
                 Ok(ev) => {
@@ -119,7 +134,12 @@ impl IngestCore {
         }
         let n = batch.len() as u32;
         if n > 0 {
-            self.bus.publish(batch).await.map_err(PublishError::Bus)?;
+            span.record("messaging.batch.message_count", n);
+            self.bus
+                .publish(batch)
+                .instrument(span)
+                .await
+                .map_err(PublishError::Bus)?;
         }
         out.accepted = n;
         Ok(out)

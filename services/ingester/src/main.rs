@@ -80,8 +80,11 @@ fn main() {
         .expect("tokio runtime");
     if let Err(e) = rt.block_on(run(cfg, ingestor)) {
         tracing::error!(error = %e, "ingester failed");
+        telemetry::shutdown();
         std::process::exit(1);
     }
+    // Flush the spans of the drain (after the graceful stop).
+    telemetry::shutdown();
 }
 
 async fn run(cfg: IngesterConfig, ingestor: Ingestor) -> anyhow::Result<()> {

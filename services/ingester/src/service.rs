@@ -88,7 +88,39 @@ impl IngestService {
         }
     }
 
+    /// One batch under its `Ingest` server span, which continues the
+    /// caller's trace when the call carried a `traceparent`.
     async fn handle(
+        &self,
+        req: pb::PublishRequest,
+        traceparent: Option<&str>,
+    ) -> Result<pb::PublishAck, Status> {
+        use tracing::Instrument as _;
+        let span = tracing::info_span!(
+            "ingest",
+            otel.name = "tollguard.v1.Ingest/Publish",
+            otel.kind = "server",
+            rpc.system = "grpc",
+            rpc.service = "tollguard.v1.Ingest",
+            provider = %self.core.provider_id(),
+            batch = req.batch_id,
+            records = req.records.len(),
+            otel.status_code = tracing::field::Empty,
+            otel.status_description = tracing::field::Empty,
+        );
+        tollguard_runtime::otel::set_parent(&span, traceparent.map(str::as_bytes));
+        let res = self
+            .handle_batch(req, traceparent)
+            .instrument(span.clone())
+            .await;
+        if let Err(st) = &res {
+            span.record("otel.status_code", "ERROR");
+            span.record("otel.status_description", st.message());
+        }
+        res
+    }
+
+    async fn handle_batch(
         &self,
         req: pb::PublishRequest,
         traceparent: Option<&str>,

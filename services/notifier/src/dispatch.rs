@@ -391,31 +391,45 @@ impl Fanout {
             audiences.push((aud.label.clone(), jobs));
         }
         let me = self.clone();
-        Ok(tokio::spawn(async move {
-            let mut all = true;
-            let per_audience = audiences.into_iter().map(|(label, jobs)| {
-                let me = me.clone();
-                let alert = shared.clone();
-                async move {
-                    let handles: Vec<_> = jobs
-                        .into_iter()
-                        .map(|j| tokio::spawn(me.clone().deliver(j)))
-                        .collect();
-                    let mut ok = true;
-                    for h in handles {
-                        ok &= h.await.unwrap_or(false);
+        // The deliveries are children of the caller's (the notify) span.
+        Ok(tokio::spawn(tracing::Instrument::in_current_span(
+            async move {
+                let mut all = true;
+                let per_audience = audiences.into_iter().map(|(label, jobs)| {
+                    let me = me.clone();
+                    let alert = shared.clone();
+                    async move {
+                        let handles: Vec<_> = jobs
+                            .into_iter()
+                            .map(|j| {
+                                let span = tracing::info_span!(
+                                    "deliver",
+                                    channel = j.target.channel_name(),
+                                    audience = %j.audience,
+                                    delivery = %j.id,
+                                );
+                                tokio::spawn(tracing::Instrument::instrument(
+                                    me.clone().deliver(j),
+                                    span,
+                                ))
+                            })
+                            .collect();
+                        let mut ok = true;
+                        for h in handles {
+                            ok &= h.await.unwrap_or(false);
+                        }
+                        if ok {
+                            me.mark_done(&alert, &label).await;
+                        }
+                        ok
                     }
-                    if ok {
-                        me.mark_done(&alert, &label).await;
-                    }
-                    ok
+                });
+                for ok in futures::future::join_all(per_audience).await {
+                    all &= ok;
                 }
-            });
-            for ok in futures::future::join_all(per_audience).await {
-                all &= ok;
-            }
-            all
-        }))
+                all
+            },
+        )))
     }
 
     async fn record(&self, e: Entry) -> Result<(), LedgerError> {

@@ -269,29 +269,49 @@ impl Notifier {
                 self.tracker.push(r, None);
                 continue;
             }
-            tracing::info!(
+            // The handling span continues the alert's trace (its
+            // `traceparent` header); the deliveries are its children.
+            let span = tracing::info_span!(
+                "notify",
+                otel.name = format!("{} process", r.topic),
+                otel.kind = "consumer",
+                messaging.system = "kafka",
+                messaging.operation.type = "process",
+                messaging.destination.name = %r.topic,
                 incident = %alert.incident_id,
                 version = alert.version,
-                rule = %tollguard_core::render::rule_name(&alert),
-                severity = %tollguard_core::render::severity_name(&alert),
-                kind = %tollguard_core::render::kind_name(&alert),
-                providers = ?alert.providers,
-                summary = %alert.summary,
-                action = %alert.recommended_action,
-                "incident notification"
             );
+            tollguard_runtime::otel::set_parent(
+                &span,
+                r.header(tollguard_core::bus::HEADER_TRACEPARENT),
+            );
+            span.in_scope(|| {
+                tracing::info!(
+                    incident = %alert.incident_id,
+                    version = alert.version,
+                    rule = %tollguard_core::render::rule_name(&alert),
+                    severity = %tollguard_core::render::severity_name(&alert),
+                    kind = %tollguard_core::render::kind_name(&alert),
+                    providers = ?alert.providers,
+                    summary = %alert.summary,
+                    action = %alert.recommended_action,
+                    "incident notification"
+                )
+            });
             if let Some(m) = &self.metrics {
                 m.alerts.inc();
             }
             let settled = match &self.fanout {
-                Some(f) => match self.hand_over(f, &alert).await {
-                    Ok(s) => Some(s),
-                    Err(e) => {
-                        // Leave this and the rest of the batch uncommitted.
-                        tracing::warn!(error = %e, "alert left uncommitted");
-                        return Err(e);
+                Some(f) => {
+                    match tracing::Instrument::instrument(self.hand_over(f, &alert), span).await {
+                        Ok(s) => Some(s),
+                        Err(e) => {
+                            // Leave this and the rest of the batch uncommitted.
+                            tracing::warn!(error = %e, "alert left uncommitted");
+                            return Err(e);
+                        }
                     }
-                },
+                }
                 None => None,
             };
             self.tracker.push(r, settled);

@@ -105,8 +105,11 @@ fn main() {
     }
     if let Err(e) = rt.block_on(run(loaded)) {
         tracing::error!(error = %e, "notifier failed");
+        telemetry::shutdown();
         std::process::exit(1);
     }
+    // Flush the spans of the drain (after the graceful stop).
+    telemetry::shutdown();
 }
 
 fn instance_name(cfg: &NotifierConfig) -> String {

@@ -9,6 +9,7 @@
 pub mod config;
 pub mod health;
 pub mod kafka;
+pub mod otel;
 pub mod redis_store;
 pub mod shutdown;
 pub mod telemetry;
