@@ -365,6 +365,20 @@ fn scenario(args: &Args) -> Scenario {
     sc
 }
 
+/// Whether the ingester binary knows `tls.enabled` (then it is set to
+/// false): its `--check-config` accepts the configuration with it.
+fn plaintext_supported(bin: &std::path::Path, env: &[(String, String)]) -> anyhow::Result<bool> {
+    let st = std::process::Command::new(bin)
+        .arg("--check-config")
+        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .env("TOLLGUARD__TLS__ENABLED", "false")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .with_context(|| format!("cannot run {}", bin.display()))?;
+    Ok(st.success())
+}
+
 /// Real `CallEvent` messages as the ingesters would publish them.
 fn baseline_messages(traffic: &Traffic, topic: &str) -> anyhow::Result<Vec<OutRecord>> {
     use tollguard_core::ingest::{Ingestor, ReferenceData};
@@ -485,6 +499,7 @@ impl Run<'_> {
         let cor_env = parse_env(&args.correlator_env, "correlator-env")?;
         let mut services: Vec<Service> = Vec::new();
         let mut grpc_ports = Vec::new();
+        let mut tls_off: Option<bool> = None;
         for c in &traffic.carriers {
             let (grpc, http) = (stack::free_port()?, stack::free_port()?);
             let mut env = common(http);
@@ -510,6 +525,20 @@ impl Run<'_> {
                 ),
             ]);
             env.extend(ing_env.iter().cloned());
+            // Ingesters that serve mutual TLS by default get it switched off
+            // (loopback, plaintext gRPC like the load generator's client);
+            // ingesters without TLS settings would refuse the key.
+            let off = match tls_off {
+                Some(v) => v,
+                None => {
+                    let v = plaintext_supported(&bins.join("tollguard-ingester"), &env)?;
+                    tls_off = Some(v);
+                    v
+                }
+            };
+            if off && !env.iter().any(|(k, _)| k.starts_with("TOLLGUARD__TLS__")) {
+                env.push(("TOLLGUARD__TLS__ENABLED".into(), "false".into()));
+            }
             services.push(self.cleanup.children.spawn(
                 dir,
                 &format!("ingester-{}", c.id),
