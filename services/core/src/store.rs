@@ -30,14 +30,17 @@ pub enum Scope {
     Range(String),
     /// Consortium-wide state (hot list).
     Global,
+    /// A peer group of customers (baselines).
+    Peer(String),
 }
 
 impl Scope {
-    /// Hash tag content: `c:<token>`, `r:<range>` or `g`.
+    /// Hash tag content: `c:<token>`, `r:<range>`, `p:<group>` or `g`.
     pub fn tag(&self) -> String {
         match self {
             Scope::Customer(c) => format!("c:{c}"),
             Scope::Range(r) => format!("r:{r}"),
+            Scope::Peer(p) => format!("p:{p}"),
             Scope::Global => "g".to_string(),
         }
     }

@@ -92,7 +92,10 @@ impl Rig {
             duration_s: Some(duration),
             ..Default::default()
         };
-        let ev = ing.ingest(&raw, T0 + 86_400_000).unwrap();
+        // Ingested within a day of the call (the tests span several days).
+        let ev = ing
+            .ingest(&raw, T0 + 86_400_000.max(at_s * 1000 + 3_600_000))
+            .unwrap();
         let late = self.watermarks.observe(0, &ev, 300_000);
         let p = self.engine.process(&[ev], &[late], 0).await.unwrap();
         let alerts = p.alerts.clone();
@@ -579,4 +582,116 @@ fn the_low_watermark_waits_for_expected_and_lagging_carriers() {
     // bt goes quiet for longer than the staleness bound: it stops holding pruning back.
     w.observe_at(0, &ev("kpn", 9000), 300_000, 20 * 60_000);
     assert_eq!(w.horizon(20 * 60_000), T0 + 9_000_000);
+}
+
+/// Seconds from T0 to 10:00 UTC on day `d` after T0's day.
+fn ten_am(d: i64) -> i64 {
+    // T0 is 22:47 UTC; the next 10:00 UTC is 11h13m later.
+    40_380 + 86_400 * d
+}
+
+/// `n` high-risk calls from `customer` evenly over the hour from `from_s`,
+/// alternating two carriers; returns the burst alerts.
+async fn calls_to_east_timor(
+    r: &mut Rig,
+    customer: &str,
+    from_s: i64,
+    n: i64,
+    over_s: i64,
+) -> Vec<pb::Alert> {
+    let mut out = Vec::new();
+    for i in 0..n {
+        out.extend(
+            r.call(
+                (i % 2) as usize,
+                customer,
+                "outbound",
+                "+31201234567",
+                &format!("+670771234{:02}", i % 100),
+                "end",
+                from_s + i * over_s / n,
+                30.0,
+                None,
+            )
+            .await
+            .into_iter()
+            .filter(|a| rule(a) == "multi_carrier_burst"),
+        );
+    }
+    out
+}
+
+fn baseline_rules() -> RulesConfig {
+    let mut rules = RulesConfig::default();
+    // Only the baseline adapts the thresholds here.
+    rules.multi_carrier_burst.familiar_factor = 1.0;
+    rules
+}
+
+#[tokio::test]
+async fn a_customers_usual_high_risk_traffic_raises_its_thresholds_and_a_deviation_still_alerts() {
+    let mut r = Rig::new(baseline_rules(), "");
+    // A call centre: 40 calls an hour to East Timor via two carriers, every
+    // day 10:00-11:00 UTC. Without history that is a burst (10 per 15 min
+    // against the constants 4/6).
+    let first = calls_to_east_timor(&mut r, "kvk:cc", ten_am(0), 40, 3600).await;
+    assert!(!first.is_empty(), "no history: the constants apply");
+    let ev = first.last().unwrap();
+    let th = &ev.evidence.as_ref().unwrap().thresholds;
+    assert_eq!(th["baseline"], "no history: consortium defaults", "{th:?}");
+    for d in 1..3 {
+        calls_to_east_timor(&mut r, "kvk:cc", ten_am(d), 40, 3600).await;
+    }
+    // From the fourth day its own hour-of-day profile says this is normal.
+    for d in 3..8 {
+        let a = calls_to_east_timor(&mut r, "kvk:cc", ten_am(d), 40, 3600).await;
+        assert!(a.is_empty(), "day {d}: its normal traffic alerted: {a:#?}");
+    }
+    // After a week, the hour-of-week profile: still normal.
+    let a = calls_to_east_timor(&mut r, "kvk:cc", ten_am(8), 40, 3600).await;
+    assert!(a.is_empty(), "day 8: {a:#?}");
+    // The same traffic at an hour it never calls: nothing normal about it.
+    let night = calls_to_east_timor(&mut r, "kvk:cc", ten_am(8) + 12 * 3600, 40, 3600).await;
+    assert!(!night.is_empty(), "traffic at an unusual hour must alert");
+    // A pump of 60 calls in 15 minutes is far outside its normal.
+    let pump = calls_to_east_timor(&mut r, "kvk:cc", ten_am(9), 60, 900).await;
+    let crit = pump
+        .iter()
+        .find(|a| a.severity == pb::Severity::Critical as i32)
+        .unwrap_or_else(|| panic!("the pump was missed: {pump:#?}"));
+    let th = &crit.evidence.as_ref().unwrap().thresholds;
+    assert!(
+        th["baseline"].starts_with("hour-of-week profile over 1 week"),
+        "{th:?}"
+    );
+    let expected: f64 = th["expected_calls_in_window"].parse().unwrap();
+    assert!((3.0..4.0).contains(&expected), "{th:?}");
+    assert!(th["warning_calls"].parse::<i64>().unwrap() > 10, "{th:?}");
+}
+
+#[tokio::test]
+async fn a_new_customer_falls_back_to_its_peer_group() {
+    let policies = "[[policy]]\ncustomer_id = \"kvk:m1\"\npeer_group = \"call_centre\"\n\
+        [[policy]]\ncustomer_id = \"kvk:m2\"\npeer_group = \"call_centre\"\n\
+        [[policy]]\ncustomer_id = \"kvk:new\"\npeer_group = \"call_centre\"\n";
+    let mut r = Rig::new(baseline_rules(), policies);
+    for d in 0..4 {
+        for m in ["kvk:m1", "kvk:m2"] {
+            calls_to_east_timor(&mut r, m, ten_am(d), 40, 3600).await;
+        }
+    }
+    // A member without history of its own doing what its peers do: normal.
+    let a = calls_to_east_timor(&mut r, "kvk:new", ten_am(4), 40, 3600).await;
+    assert!(a.is_empty(), "peer baseline ignored: {a:#?}");
+    // A customer outside the group doing the same: a burst.
+    let b = calls_to_east_timor(&mut r, "kvk:loner", ten_am(4), 40, 3600).await;
+    assert!(!b.is_empty(), "no peers, no history: the constants apply");
+    // Far above the peers' normal: alerted, with the peer basis explained.
+    let c = calls_to_east_timor(&mut r, "kvk:new", ten_am(5), 60, 900).await;
+    let last = c.last().unwrap_or_else(|| panic!("pump missed"));
+    let th = &last.evidence.as_ref().unwrap().thresholds;
+    assert!(
+        th["baseline"].starts_with("peer group call_centre"),
+        "{th:?}"
+    );
 }

@@ -129,6 +129,55 @@ pub struct MultiCarrierBurst {
     pub familiar_window_days: i64,
     /// … and its thresholds are multiplied by this.
     pub familiar_factor: f64,
+    /// The customer's own normal: thresholds rise above its usual volume of
+    /// high-risk calls at this hour of the week.
+    pub baseline: Baseline,
+}
+
+/// `multi_carrier_burst.baseline`: per customer, an exponentially weighted
+/// hour-of-week profile of its calls to ranges at or above the rule's
+/// `min_risk_tier` (count and estimated spend). The burst rule fires on a
+/// deviation from that normal (expected + k·√expected, Poisson), never below
+/// the rule's constants. A customer with less than a week of history uses
+/// its hour-of-day profile over the last days; with less than
+/// `min_active_days` days, its policy's `peer_group` (the members' average);
+/// with neither, the constants alone.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Baseline {
+    /// Baselines on/off (off: the constants alone).
+    pub enabled: bool,
+    /// Weeks of hour-of-week history looked at.
+    pub weeks: i64,
+    /// Days of hour-of-day history looked at before a week exists.
+    pub days: i64,
+    /// EWMA weight of the most recent observed week (or day), in (0, 1].
+    pub alpha: f64,
+    /// The customer's own profile counts once it called abroad on at least
+    /// this many days (within the weeks looked at); a past slot counts when
+    /// the customer was already known then (silence then is a true zero).
+    pub min_active_days: i64,
+    /// Hours either side of the slot averaged in (smoothing).
+    pub smoothing_hours: i64,
+    /// Warning at expected + this many standard deviations.
+    pub warning_sigmas: f64,
+    /// Critical at expected + this many standard deviations.
+    pub critical_sigmas: f64,
+}
+
+impl Default for Baseline {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            weeks: 4,
+            days: 6,
+            alpha: 0.5,
+            min_active_days: 3,
+            smoothing_hours: 1,
+            warning_sigmas: 4.0,
+            critical_sigmas: 8.0,
+        }
+    }
 }
 
 impl Default for MultiCarrierBurst {
@@ -149,6 +198,7 @@ impl Default for MultiCarrierBurst {
             familiar_days: 3,
             familiar_window_days: 14,
             familiar_factor: 3.0,
+            baseline: Baseline::default(),
         }
     }
 }
@@ -537,8 +587,48 @@ impl RulesConfig {
             "multi_carrier_burst.familiar_window_days",
             b.familiar_window_days,
         )?;
-        if g.state_ttl_s < (b.familiar_window_days as u64) * 86_400 {
-            // Longer history than the state TTL is fine: it just expires.
+        let bl = &b.baseline;
+        if !(1..=12).contains(&bl.weeks) {
+            return Err(ConfigError::new(
+                "multi_carrier_burst.baseline.weeks",
+                "must be between 1 and 12",
+            ));
+        }
+        if !(1..=14).contains(&bl.days) {
+            return Err(ConfigError::new(
+                "multi_carrier_burst.baseline.days",
+                "must be between 1 and 14",
+            ));
+        }
+        if !(bl.alpha > 0.0 && bl.alpha <= 1.0) {
+            return Err(ConfigError::new(
+                "multi_carrier_burst.baseline.alpha",
+                "must be in (0, 1]",
+            ));
+        }
+        if !(1..=7).contains(&bl.min_active_days) {
+            return Err(ConfigError::new(
+                "multi_carrier_burst.baseline.min_active_days",
+                "must be between 1 and 7",
+            ));
+        }
+        if !(0..=3).contains(&bl.smoothing_hours) {
+            return Err(ConfigError::new(
+                "multi_carrier_burst.baseline.smoothing_hours",
+                "must be between 0 and 3",
+            ));
+        }
+        if !(bl.warning_sigmas >= 0.0 && bl.warning_sigmas.is_finite()) {
+            return Err(ConfigError::new(
+                "multi_carrier_burst.baseline.warning_sigmas",
+                "must be a number >= 0",
+            ));
+        }
+        if !(bl.critical_sigmas >= bl.warning_sigmas && bl.critical_sigmas.is_finite()) {
+            return Err(ConfigError::new(
+                "multi_carrier_burst.baseline.critical_sigmas",
+                "must be a number >= warning_sigmas",
+            ));
         }
         let default_hours = business_hours(
             "multi_carrier_burst.default_business_hours",
@@ -636,6 +726,10 @@ pub struct PolicyEntry {
     pub time_zone: Option<String>,
     /// Free-text label shown to operators (never sent to other carriers).
     pub label: Option<String>,
+    /// Peer group (e.g. "call_centre"): while the customer has too little
+    /// history of its own, the burst rule expects what the group's members
+    /// do on average.
+    pub peer_group: Option<String>,
 }
 
 /// `policies.toml`.
@@ -690,6 +784,8 @@ pub struct Policy {
     pub allowed_ranges: Vec<String>,
     /// Business hours, if known.
     pub business_hours: Option<BusinessHours>,
+    /// Peer group, if any.
+    pub peer_group: Option<String>,
 }
 
 fn parse_hhmm(s: &str) -> Option<u32> {
@@ -883,6 +979,18 @@ impl Policies {
                     })
                 }
             };
+            if let Some(g) = &p.peer_group
+                && (g.is_empty()
+                    || g.len() > 64
+                    || !g
+                        .bytes()
+                        .all(|c| c.is_ascii_alphanumeric() || c == b'_' || c == b'-'))
+            {
+                return Err(ConfigError::new(
+                    k("peer_group"),
+                    format!("`{g}` must be 1-64 letters, digits, '_' or '-'"),
+                ));
+            }
             let policy = Policy {
                 daily_cap,
                 hourly_cap,
@@ -890,6 +998,7 @@ impl Policies {
                 blocked_ranges: p.blocked_ranges.clone(),
                 allowed_ranges: p.allowed_ranges.clone(),
                 business_hours,
+                peer_group: p.peer_group.clone(),
             };
             if let Some(prev) = by_token.insert(token, policy.clone())
                 && prev != policy

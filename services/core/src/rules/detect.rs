@@ -144,6 +144,17 @@ struct RangeIdx {
     wave: Option<usize>,
 }
 
+/// Indices of the reads of a baseline profile update (customer or peer
+/// scope): the smoothed hour slot `k` weeks back (k = 1..), the same hour
+/// `j` days back (j = 1..), and active days (customer: days it called
+/// abroad; peer: members per day).
+#[derive(Debug, Clone, Default)]
+struct ProfileIdx {
+    weeks: Vec<usize>,
+    days: Vec<usize>,
+    active: usize,
+}
+
 /// Indices of the ops of a Wangiri wave update (scope: the caller's range).
 #[derive(Debug, Clone, Copy, Default)]
 struct WaveIdx {
@@ -159,6 +170,8 @@ pub struct Plan {
     cust: Option<(usize, CustomerIdx)>,
     range: Option<(usize, RangeIdx)>,
     wave: Option<(usize, WaveIdx)>,
+    base: Option<(usize, ProfileIdx)>,
+    peer: Option<(usize, ProfileIdx)>,
     now: Millis,
     /// The event arrived later than the allowed lateness: it still updates
     /// state (cumulative spend counts it) but its closed windows raise
@@ -662,14 +675,72 @@ impl Detector {
         } else {
             None
         };
+        // Baselines: the customer's own profile, and its peer group's.
+        let bl = &cfg.multi_carrier_burst.baseline;
+        let abroad = e.callee_info.country != e.caller_info.country;
+        let (mut base, mut peer) = (None, None);
+        if outbound && abroad && bl.enabled && cfg.multi_carrier_burst.enabled {
+            let counted = remote.risk_tier >= cfg.multi_carrier_burst.min_risk_tier;
+            let member = e.subject().compact();
+            let (ops, idx) = profile_ops(bl, e, now, pn, counted, &e.call_key(), None, call_ttl);
+            let bttl = ((bl.weeks * 7 + 2) * 86_400_000).max(ttl);
+            updates.push(Update {
+                scope: Scope::Customer(member.clone()),
+                dedupe: format!("bl/{}", e.event_key()),
+                ttl_ms: bttl,
+                ops,
+            });
+            base = Some((updates.len() - 1, idx));
+            if let Some(g) = &self.policy(e).peer_group {
+                let (ops, idx) = profile_ops(
+                    bl,
+                    e,
+                    now,
+                    pn,
+                    counted,
+                    &e.call_key(),
+                    Some(&member),
+                    call_ttl,
+                );
+                updates.push(Update {
+                    scope: Scope::Peer(g.clone()),
+                    dedupe: format!("pg/{}", e.event_key()),
+                    ttl_ms: bttl,
+                    ops,
+                });
+                peer = Some((updates.len() - 1, idx));
+            }
+        }
         Plan {
             updates,
             cust,
             range,
             wave,
+            base,
+            peer,
             now,
             late: false,
         }
+    }
+
+    /// The normal high-risk volume at this hour for the event's customer:
+    /// its own profile, else its peer group's, else none.
+    fn expected_for(&self, plan: &Plan, outcomes: &[Outcome], policy: &Policy) -> Option<Expected> {
+        let bl = &self.cfg.multi_carrier_burst.baseline;
+        let results = |u: usize| outcomes.get(u).map_or(&[][..], |o| o.results.as_slice());
+        if let Some((u, idx)) = &plan.base
+            && let Some(x) = expected(bl, idx, results(*u), plan.now, false)
+        {
+            return Some(x);
+        }
+        let (u, idx) = plan.peer.as_ref()?;
+        let mut x = expected(bl, idx, results(*u), plan.now, true)?;
+        x.basis = format!(
+            "peer group {} ({})",
+            policy.peer_group.as_deref().unwrap_or("?"),
+            x.basis
+        );
+        Some(x)
     }
 
     /// Evaluates the rules for `e` given the outcomes of its plan's updates
@@ -809,12 +880,28 @@ impl Detector {
                     1.0
                 } * if familiar { b.familiar_factor } else { 1.0 };
                 let scale = |v: i64| ((v as f64 * factor).ceil() as i64).max(2);
-                let (warning_calls, critical_calls) =
-                    (scale(b.warning_calls), scale(b.critical_calls));
+                // The customer's normal at this hour (or its peers'): the
+                // thresholds are a deviation from it, never below the
+                // constants.
+                let bl = &b.baseline;
+                let normal = self.expected_for(plan, outcomes, policy);
+                let mu = normal
+                    .as_ref()
+                    .map_or(0.0, |x| x.calls_per_hour * b.window_s as f64 / 3600.0);
+                let dev = |k: f64| (mu + k * mu.sqrt()).ceil() as i64;
+                let warning_calls = scale(b.warning_calls).max(dev(bl.warning_sigmas));
+                let critical_calls = scale(b.critical_calls)
+                    .max(dev(bl.critical_sigmas))
+                    .max(warning_calls);
+                let critical_spend = match &normal {
+                    Some(x) if x.calls_per_hour > 0.0 => self
+                        .th
+                        .burst_critical_spend
+                        .max((x.spend_per_hour / x.calls_per_hour * critical_calls as f64) as i64),
+                    _ => self.th.burst_critical_spend,
+                };
                 if carriers.len() >= b.min_carriers && calls.total >= warning_calls {
-                    let sev = if calls.total >= critical_calls
-                        || spend.total >= self.th.burst_critical_spend
-                    {
+                    let sev = if calls.total >= critical_calls || spend.total >= critical_spend {
                         Severity::Critical
                     } else {
                         Severity::Warning
@@ -847,11 +934,16 @@ impl Detector {
                     t.insert("outside_business_hours".into(), off_hours.to_string());
                     t.insert("inside_business_hours".into(), in_hours.to_string());
                     t.insert("days_calling_this_range".into(), familiar_days.to_string());
-                    t.insert(
-                        "critical_spend_eur".into(),
-                        format_amount(self.th.burst_critical_spend),
-                    );
+                    t.insert("critical_spend_eur".into(), format_amount(critical_spend));
                     t.insert("min_risk_tier".into(), b.min_risk_tier.as_str().into());
+                    t.insert(
+                        "baseline".into(),
+                        normal.as_ref().map_or_else(
+                            || "no history: consortium defaults".to_string(),
+                            |x| x.basis.clone(),
+                        ),
+                    );
+                    t.insert("expected_calls_in_window".into(), format!("{mu:.2}"));
                     f.providers = carriers.clone();
                     f.magnitude = calls.total;
                     f.summary = format!(
@@ -1283,6 +1375,194 @@ impl Detector {
         }
         out
     }
+}
+
+const HOUR: i64 = 3_600_000;
+const DAY: i64 = 86_400_000;
+
+/// The ops of a baseline profile update. Writes: a call to a counted range
+/// adds 1 (once per call) and its spend to the hour bucket of its start
+/// (`bh`, groups `n` and `s`); every call abroad marks its day active (`ad`;
+/// in a peer scope, the member active that day). Reads, only for a counted
+/// call (where the burst rule looks): the smoothed hour slot in each past
+/// week and on each past day, and the active days.
+#[allow(clippy::too_many_arguments)]
+fn profile_ops(
+    bl: &super::config::Baseline,
+    e: &CallEvent,
+    now: Millis,
+    pn: Millis,
+    counted: bool,
+    call_key: &str,
+    member: Option<&str>,
+    call_ttl: i64,
+) -> (Vec<Op>, ProfileIdx) {
+    let mut ops = Vec::new();
+    let mut idx = ProfileIdx::default();
+    let day = e.start_time.div_euclid(DAY);
+    if counted {
+        let ck = format!("bc:{call_key}");
+        ops.push(Op::CallMax {
+            key: ck.clone(),
+            field: "n".into(),
+            value: 1,
+            ttl_ms: call_ttl,
+        });
+        ops.push(Op::CallMax {
+            key: ck,
+            field: "s".into(),
+            value: e.estimated_charge,
+            ttl_ms: call_ttl,
+        });
+        let h = e.start_time.div_euclid(HOUR);
+        for (group, r) in [("n", 0), ("s", 1)] {
+            ops.push(Op::Add {
+                key: "bh".into(),
+                bucket: h,
+                group: group.into(),
+                delta: Val::Ref(r),
+                when: None,
+            });
+        }
+    }
+    ops.push(Op::Mark {
+        key: "ad".into(),
+        group: day.to_string(),
+        id: member.unwrap_or("1").to_string(),
+        ts: e.start_time,
+    });
+    if counted {
+        let h = now.div_euclid(HOUR);
+        let sm = bl.smoothing_hours;
+        let oldest = h - bl.weeks * 168 - sm - 1;
+        let prune = pn.div_euclid(HOUR) - bl.weeks * 168 - sm - 1;
+        for k in 1..=bl.weeks {
+            idx.weeks.push(ops.len());
+            ops.push(Op::Sum {
+                key: "bh".into(),
+                from: h - 168 * k - sm,
+                to: h - 168 * k + sm,
+                prune_before: prune.min(oldest),
+            });
+        }
+        for j in 1..=bl.days {
+            idx.days.push(ops.len());
+            ops.push(Op::Sum {
+                key: "bh".into(),
+                from: h - 24 * j - sm,
+                to: h - 24 * j + sm,
+                prune_before: prune.min(oldest),
+            });
+        }
+        idx.active = ops.len();
+        let span = (bl.weeks * 7 + 4) * DAY;
+        ops.push(Op::Distinct {
+            key: "ad".into(),
+            since: now - span,
+            prune_before: pn - span,
+        });
+    }
+    (ops, idx)
+}
+
+/// What a profile says is normal at this hour: high-risk calls and spend
+/// per hour, and how that was established.
+#[derive(Debug, Clone, PartialEq)]
+struct Expected {
+    calls_per_hour: f64,
+    spend_per_hour: f64,
+    basis: String,
+}
+
+/// EWMA of `(calls, spend)` samples ordered most recent first.
+fn ewma(samples: &[(f64, f64)], alpha: f64) -> (f64, f64) {
+    let (mut w, mut c, mut s, mut total) = (alpha, 0.0, 0.0, 0.0);
+    for (n, sp) in samples {
+        c += w * n;
+        s += w * sp;
+        total += w;
+        w *= 1.0 - alpha;
+    }
+    if total == 0.0 {
+        (0.0, 0.0)
+    } else {
+        (c / total, s / total)
+    }
+}
+
+/// Evaluates a profile's reads. `per_member`: divide by the members active
+/// in the period (peer groups).
+fn expected(
+    bl: &super::config::Baseline,
+    idx: &ProfileIdx,
+    results: &[OpResult],
+    now: Millis,
+    per_member: bool,
+) -> Option<Expected> {
+    let groups = |i: usize| results.get(i).map(OpResult::groups).unwrap_or_default();
+    let active = groups(idx.active);
+    let today = now.div_euclid(DAY);
+    // Active days (or members per day) by day index.
+    let on = |d: i64| active.by.get(&d.to_string()).copied().unwrap_or(0);
+    let width = (2 * bl.smoothing_hours + 1) as f64;
+    let sample = |i: usize, members: i64| {
+        let g = groups(i);
+        let n = g.by.get("n").copied().unwrap_or(0) as f64;
+        let s = g.by.get("s").copied().unwrap_or(0) as f64;
+        let m = if per_member {
+            members.max(1) as f64
+        } else {
+            1.0
+        };
+        (n / width / m, s / width / m)
+    };
+    // The customer's history starts at its first active day in the span;
+    // a slot counts once it was known by then (a slot it was known at but
+    // silent is a true zero). A peer group's slot counts when it had
+    // members that day.
+    let first = active
+        .by
+        .iter()
+        .filter(|(_, n)| **n > 0)
+        .filter_map(|(d, _)| d.parse::<i64>().ok())
+        .min()?;
+    if !per_member && (active.by.len() as i64) < bl.min_active_days {
+        return None;
+    }
+    let known = |d: i64| {
+        if per_member { on(d) > 0 } else { first <= d }
+    };
+    let mut weekly = Vec::new();
+    for (k, &i) in idx.weeks.iter().enumerate() {
+        let d = today - 7 * (k as i64 + 1);
+        if known(d) {
+            weekly.push(sample(i, on(d)));
+        }
+    }
+    if !weekly.is_empty() {
+        let (c, s) = ewma(&weekly, bl.alpha);
+        return Some(Expected {
+            calls_per_hour: c,
+            spend_per_hour: s,
+            basis: format!("hour-of-week profile over {} week(s)", weekly.len()),
+        });
+    }
+    let mut daily = Vec::new();
+    for (j, &i) in idx.days.iter().enumerate() {
+        let d = today - (j as i64 + 1);
+        if known(d) {
+            daily.push(sample(i, on(d)));
+        }
+    }
+    if daily.is_empty() {
+        return None;
+    }
+    let (c, s) = ewma(&daily, bl.alpha);
+    Some(Expected {
+        calls_per_hour: c,
+        spend_per_hour: s,
+        basis: format!("hour-of-day profile over {} day(s)", daily.len()),
+    })
 }
 
 /// A short or unanswered call (an END event; start/interim events of a call
