@@ -337,8 +337,27 @@ fn every_container_has_probes() {
     // three ingesters, the correlator and the notifier (the topics Job's
     // container runs to completion; probes do not apply to it)
     assert_eq!(seen, 5, "containers checked");
-    // Ingesters start up on the gRPC health service of their gRPC port.
+    // With mutual TLS (the default) ingesters start up on HTTP /livez:
+    // kubelet gRPC probes do not speak TLS.
     for d in of_kind(&docs, "Deployment")
+        .into_iter()
+        .filter(|d| label(d, "app.kubernetes.io/component") == Some("ingester"))
+    {
+        let c = &seq(get(d, &["spec", "template", "spec", "containers"]))[0];
+        assert_eq!(
+            s(c, &["startupProbe", "httpGet", "path"]),
+            Some("/livez"),
+            "{}: startup probe on /livez under mTLS",
+            name(d)
+        );
+    }
+    // In plaintext mode they start up on the gRPC health service of their
+    // gRPC port.
+    let plain = documents(
+        &template(THREE_CARRIERS, &["--set", "ingester.tls.enabled=false"])
+            .unwrap_or_else(|e| panic!("helm template failed:\n{e}")),
+    );
+    for d in of_kind(&plain, "Deployment")
         .into_iter()
         .filter(|d| label(d, "app.kubernetes.io/component") == Some("ingester"))
     {
@@ -553,6 +572,21 @@ fn check_configs(what: &str, docs: &[Value]) -> usize {
     let key_dir = root.join("secrets/pseudonymization");
     std::fs::create_dir_all(&key_dir).unwrap();
     std::fs::write(key_dir.join("key"), "ab".repeat(32)).unwrap();
+    // The ingesters' mTLS Secret (tls.crt, tls.key, ca.crt), made here.
+    let tls_dir = root.join("secrets/tls");
+    std::fs::create_dir_all(&tls_dir).unwrap();
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca_cert = ca.self_signed(&ca_key).unwrap();
+    let server_key = rcgen::KeyPair::generate().unwrap();
+    let server = rcgen::CertificateParams::new(vec!["ingester".to_string()])
+        .unwrap()
+        .signed_by(&server_key, &rcgen::Issuer::from_params(&ca, &ca_key))
+        .unwrap();
+    std::fs::write(tls_dir.join("tls.crt"), server.pem()).unwrap();
+    std::fs::write(tls_dir.join("tls.key"), server_key.serialize_pem()).unwrap();
+    std::fs::write(tls_dir.join("ca.crt"), ca_cert.pem()).unwrap();
     let relocate = |text: &str| text.replace("/etc/tollguard/", &format!("{}/", root.display()));
 
     // Rules and policies mounted into the correlator: the rendered

@@ -66,6 +66,8 @@ async fn start_with(dir: &Path, extra: &[(&str, &str)]) -> Ingester {
             "TOLLGUARD__LIMITS__MAX_MESSAGE_BYTES".into(),
             "65536".into(),
         ),
+        // plaintext development mode (mTLS: tests/security_*.rs)
+        ("TOLLGUARD__TLS__ENABLED".into(), "false".into()),
     ];
     let mut env = env;
     env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
@@ -279,7 +281,8 @@ fn bad_configuration_exits_64_naming_the_key() {
             .env("TOLLGUARD__PROVIDER_ID", "kpn")
             .env("TOLLGUARD__DIAL_PLAN__HOME_COUNTRY", "NL")
             .env("TOLLGUARD__PSEUDONYMIZATION__KEY_ID", "k1")
-            .env("TOLLGUARD__PSEUDONYMIZATION__KEY_FILE", &key);
+            .env("TOLLGUARD__PSEUDONYMIZATION__KEY_FILE", &key)
+            .env("TOLLGUARD__TLS__ENABLED", "false");
         for (k, v) in env {
             cmd.env(k, v);
         }
@@ -314,6 +317,18 @@ fn bad_configuration_exits_64_naming_the_key() {
         ("TOLLGUARD__PROVIDER_ID", "KPN!", "provider_id"),
         ("TOLLGUARD__LISTEN__GRPC", "not-an-address", "listen.grpc"),
         ("TOLLGUARD__BOGUS", "1", "bogus"),
+        // mTLS is the default: turning it on without files is refused.
+        ("TOLLGUARD__TLS__ENABLED", "true", "tls.cert_file"),
+        (
+            "TOLLGUARD__LIMITS__BURST_RECORDS",
+            "10",
+            "limits.burst_records",
+        ),
+        (
+            "TOLLGUARD__LIMITS__RECORDS_PER_SECOND",
+            "0",
+            "limits.records_per_second",
+        ),
         (
             "TOLLGUARD__PSEUDONYMIZATION__KEY_FILE",
             "/nonexistent/key",

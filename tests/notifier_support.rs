@@ -362,6 +362,8 @@ pub fn env(names: &Names, http: u16, grpc: u16, extra: &[(&str, String)]) -> Vec
         ),
         ("TOLLGUARD__REDIS__URL".into(), redis()),
         ("TOLLGUARD__REDIS__KEY_PREFIX".into(), names.prefix.clone()),
+        // plaintext development mode with api.tokens (mTLS: tests/security_*.rs)
+        ("TOLLGUARD__TLS__ENABLED".into(), "false".into()),
         ("TOLLGUARD__ALERTS_TOPIC".into(), names.alerts.clone()),
         (
             "TOLLGUARD__DELIVERIES_TOPIC".into(),

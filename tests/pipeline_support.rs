@@ -152,6 +152,8 @@ impl Stack {
                     s.key.display().to_string(),
                 ),
                 ("TOLLGUARD__TOPIC".into(), s.calls.clone()),
+                // plaintext development mode (mTLS: tests/security_*.rs)
+                ("TOLLGUARD__TLS__ENABLED".into(), "false".into()),
             ]);
             let p = Proc::spawn(
                 dir,

@@ -39,6 +39,20 @@ range_digits = {{ include "tollguard.tomlValue" $v.pseudonymization.rangeDigits 
 max_batch_records = {{ include "tollguard.tomlValue" $c.config.maxBatchRecords }}
 max_message_bytes = {{ include "tollguard.tomlValue" $c.config.maxMessageBytes }}
 max_concurrent_streams = {{ include "tollguard.tomlValue" $c.config.maxConcurrentStreams }}
+
+[tls]
+{{- if $c.tls.enabled }}
+cert_file = "/etc/tollguard/secrets/tls/tls.crt"
+key_file = "/etc/tollguard/secrets/tls/tls.key"
+client_ca_file = "/etc/tollguard/secrets/tls/ca.crt"
+[tls.clients]
+{{- range (default (list $c.providerId) $c.clientIdentities) }}
+{{ toJson . }} = {{ include "tollguard.tomlValue" $c.providerId }}
+{{- end }}
+{{- else }}
+# plaintext development mode (ingester.tls.enabled = false)
+enabled = false
+{{- end }}
 {{- if and $c.reference.existingConfigMap (or $c.reference.riskTable $c.reference.rateDeck) }}
 
 [reference]

@@ -9,6 +9,7 @@ use tollguard_core::ingest::validate_provider_id;
 use tollguard_core::number::DialPlan;
 use tollguard_core::record::CsvMapping;
 use tollguard_runtime::kafka::KafkaSettings;
+use tollguard_runtime::tls::TlsSettings;
 
 /// Listen addresses.
 #[derive(Debug, Clone, Deserialize)]
@@ -69,8 +70,23 @@ pub struct Limits {
     pub max_batch_records: usize,
     /// Bytes per gRPC message.
     pub max_message_bytes: usize,
-    /// Concurrent streams per connection.
+    /// Concurrent HTTP/2 streams per connection.
     pub max_concurrent_streams: u32,
+    /// Sustained records per second per carrier (token bucket rate);
+    /// beyond it batches are answered `RESOURCE_EXHAUSTED` with
+    /// `retry-after-ms`.
+    pub records_per_second: f64,
+    /// Records a carrier may send at once above the rate (bucket size);
+    /// at least `max_batch_records`.
+    pub burst_records: u32,
+    /// Open `Publish` streams per carrier.
+    pub max_streams_per_carrier: usize,
+    /// Deadline of every call (a client's shorter `grpc-timeout` wins),
+    /// milliseconds.
+    pub request_timeout_ms: u64,
+    /// A `Publish` stream that sends no batch for this long is closed with
+    /// `DEADLINE_EXCEEDED`, milliseconds.
+    pub stream_idle_timeout_ms: u64,
 }
 
 impl Default for Limits {
@@ -79,6 +95,11 @@ impl Default for Limits {
             max_batch_records: 5000,
             max_message_bytes: 4 * 1024 * 1024,
             max_concurrent_streams: 64,
+            records_per_second: 20_000.0,
+            burst_records: 50_000,
+            max_streams_per_carrier: 16,
+            request_timeout_ms: 30_000,
+            stream_idle_timeout_ms: 300_000,
         }
     }
 }
@@ -122,6 +143,10 @@ pub struct IngesterConfig {
     /// Reference data.
     #[serde(default)]
     pub reference: Reference,
+    /// Mutual TLS of the gRPC endpoint (required unless `enabled = false`);
+    /// `tls.clients` maps client certificate identities to this carrier.
+    #[serde(default)]
+    pub tls: TlsSettings,
 }
 
 fn default_topic() -> String {
@@ -175,9 +200,56 @@ impl IngesterConfig {
                 "must be at least 1024",
             ));
         }
+        let l = &self.limits;
+        if !(l.records_per_second.is_finite()
+            && l.records_per_second >= 1.0
+            && l.records_per_second <= 10_000_000.0)
+        {
+            return Err(ConfigError::new(
+                "limits.records_per_second",
+                "must be a number between 1 and 10000000",
+            ));
+        }
+        if (l.burst_records as usize) < l.max_batch_records || l.burst_records > 100_000_000 {
+            return Err(ConfigError::new(
+                "limits.burst_records",
+                format!(
+                    "must be at least limits.max_batch_records ({}) so a full batch can ever pass, and at most 100000000",
+                    l.max_batch_records
+                ),
+            ));
+        }
+        if !(1..=10_000).contains(&l.max_streams_per_carrier) {
+            return Err(ConfigError::new(
+                "limits.max_streams_per_carrier",
+                "must be between 1 and 10000",
+            ));
+        }
+        if !(100..=600_000).contains(&l.request_timeout_ms) {
+            return Err(ConfigError::new(
+                "limits.request_timeout_ms",
+                "must be between 100 and 600000",
+            ));
+        }
+        if !(100..=86_400_000).contains(&l.stream_idle_timeout_ms) {
+            return Err(ConfigError::new(
+                "limits.stream_idle_timeout_ms",
+                "must be between 100 and 86400000",
+            ));
+        }
         if self.topic.is_empty() {
             return Err(ConfigError::new("topic", "must not be empty"));
         }
+        let me = self.provider_id.clone();
+        self.tls.validate(|p| {
+            if p == me {
+                Ok(())
+            } else {
+                Err(format!(
+                    "this ingester serves carrier {me:?}; map only that carrier's certificates to it"
+                ))
+            }
+        })?;
         self.kafka.validate()?;
         Ok(())
     }

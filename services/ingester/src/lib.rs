@@ -8,6 +8,7 @@
 //! pseudonymised [`tollguard_core::CallEvent`].
 
 pub mod config;
+pub mod limits;
 pub mod metrics;
 pub mod service;
 

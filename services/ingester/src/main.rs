@@ -14,12 +14,14 @@ use tollguard_core::pseudo::{Key, Pseudonymizer};
 use tollguard_core::tables::{RateDeck, RiskTable};
 use tollguard_ingester::IngestCore;
 use tollguard_ingester::config::IngesterConfig;
+use tollguard_ingester::limits::{RateLimiter, StreamSlots};
 use tollguard_ingester::metrics::Metrics;
-use tollguard_ingester::service::IngestService;
+use tollguard_ingester::service::{Guard, IngestService};
 use tollguard_proto::v1::ingest_server::IngestServer;
 use tollguard_runtime::config::{exit_config, load, read_file as read, read_secret};
 use tollguard_runtime::health::{self, Health};
 use tollguard_runtime::kafka::KafkaBus;
+use tollguard_runtime::tls::GrpcSecurity;
 use tollguard_runtime::{shutdown, telemetry};
 
 /// One carrier's ingester: validates, normalises and pseudonymises call
@@ -35,8 +37,9 @@ struct Args {
     check_config: bool,
 }
 
-fn build(cfg: &IngesterConfig) -> Result<Ingestor, ConfigError> {
+fn build(cfg: &IngesterConfig) -> Result<(Ingestor, GrpcSecurity), ConfigError> {
     cfg.validate()?;
+    let security = cfg.tls.load()?;
     let p = &cfg.pseudonymization;
     let secret = match (&p.key_file, &p.key) {
         (Some(f), _) => read_secret("pseudonymization.key_file", f)?,
@@ -53,20 +56,21 @@ fn build(cfg: &IngesterConfig) -> Result<Ingestor, ConfigError> {
         refdata.rates =
             RateDeck::parse(&f.display().to_string(), &read("reference.rate_deck", f)?)?;
     }
-    Ingestor::new(
+    let ingestor = Ingestor::new(
         &cfg.provider_id,
         cfg.dial_plan.clone(),
         p.range_digits,
         Pseudonymizer::new(key),
         Arc::new(refdata),
-    )
+    )?;
+    Ok((ingestor, security))
 }
 
 fn main() {
     let args = Args::parse();
     telemetry::init("ingester");
     let cfg: IngesterConfig = load(args.config.as_deref()).unwrap_or_else(|e| exit_config(&e));
-    let ingestor = build(&cfg).unwrap_or_else(|e| exit_config(&e));
+    let (ingestor, security) = build(&cfg).unwrap_or_else(|e| exit_config(&e));
     if args.check_config {
         println!(
             "configuration ok: ingester for provider {}",
@@ -78,7 +82,7 @@ fn main() {
         .enable_all()
         .build()
         .expect("tokio runtime");
-    if let Err(e) = rt.block_on(run(cfg, ingestor)) {
+    if let Err(e) = rt.block_on(run(cfg, ingestor, security)) {
         tracing::error!(error = %e, "ingester failed");
         telemetry::shutdown();
         std::process::exit(1);
@@ -87,7 +91,11 @@ fn main() {
     telemetry::shutdown();
 }
 
-async fn run(cfg: IngesterConfig, ingestor: Ingestor) -> anyhow::Result<()> {
+async fn run(
+    cfg: IngesterConfig,
+    ingestor: Ingestor,
+    security: GrpcSecurity,
+) -> anyhow::Result<()> {
     let stop = shutdown::on_signal();
     let health = Health::new("tollguard");
     let metrics = health.with_registry(Metrics::register);
@@ -116,7 +124,17 @@ async fn run(cfg: IngesterConfig, ingestor: Ingestor) -> anyhow::Result<()> {
     }
 
     let core = IngestCore::new(ingestor, bus.clone(), &cfg.topic);
-    let svc = IngestService::new(core, cfg.limits.max_batch_records, metrics);
+    let l = &cfg.limits;
+    let guard = Guard {
+        clients: security.clients().cloned(),
+        limiter: Arc::new(RateLimiter::new(
+            l.records_per_second,
+            f64::from(l.burst_records),
+        )),
+        streams: StreamSlots::new(l.max_streams_per_carrier),
+        stream_idle: Duration::from_millis(l.stream_idle_timeout_ms),
+    };
+    let svc = IngestService::new(core, l.max_batch_records, metrics, guard);
     let (reporter, health_svc) = tonic_health::server::health_reporter();
     reporter.set_serving::<IngestServer<IngestService>>().await;
     let reflection = tonic_reflection::server::Builder::configure()
@@ -126,11 +144,15 @@ async fn run(cfg: IngesterConfig, ingestor: Ingestor) -> anyhow::Result<()> {
         .max_decoding_message_size(cfg.limits.max_message_bytes)
         .max_encoding_message_size(cfg.limits.max_message_bytes);
     let listener = tokio::net::TcpListener::bind(cfg.listen.grpc).await?;
-    tracing::info!(grpc = %listener.local_addr()?, provider = %cfg.provider_id, "ingest API listening");
+    tracing::info!(grpc = %listener.local_addr()?, provider = %cfg.provider_id, tls = !security.is_plaintext(), "ingest API listening");
+    security.log("ingest");
     let stop2 = stop.clone();
-    tonic::transport::Server::builder()
-        .timeout(Duration::from_secs(60))
+    security
+        .apply(tonic::transport::Server::builder())?
+        .timeout(Duration::from_millis(cfg.limits.request_timeout_ms))
         .max_concurrent_streams(cfg.limits.max_concurrent_streams)
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .add_service(health_svc)
         .add_service(reflection)
         .add_service(server)

@@ -11,7 +11,7 @@ use prometheus_client::registry::Registry;
 pub struct RecordLabels {
     /// Carrier.
     pub provider: String,
-    /// accepted | rejected | denied | backpressure.
+    /// accepted | rejected | denied | backpressure | throttled.
     pub outcome: String,
 }
 

@@ -1,17 +1,34 @@
 //! The gRPC `Ingest` service over [`IngestCore`].
 
 use std::pin::Pin;
-use std::time::Instant;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use futures::Stream;
 use tokio_stream::StreamExt;
 use tollguard_core::error::BusError;
 use tollguard_core::record::RawRecord;
 use tollguard_proto::v1 as pb;
+use tollguard_runtime::tls::ClientAuth;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::limits::{RateLimiter, StreamSlot, StreamSlots};
 use crate::metrics::Metrics;
 use crate::{IngestCore, PublishError};
+
+/// Who may call and how much: authentication, rate and stream limits.
+#[derive(Debug, Clone)]
+pub struct Guard {
+    /// Client certificate identities (`None`: plaintext development mode,
+    /// every caller is taken to be the configured carrier).
+    pub clients: Option<ClientAuth>,
+    /// Records per second per carrier.
+    pub limiter: Arc<RateLimiter>,
+    /// Open `Publish` streams per carrier.
+    pub streams: StreamSlots,
+    /// A stream idle for this long is closed.
+    pub stream_idle: Duration,
+}
 
 /// The tonic service.
 #[derive(Debug, Clone)]
@@ -19,6 +36,7 @@ pub struct IngestService {
     core: IngestCore,
     max_batch: usize,
     metrics: Metrics,
+    guard: Guard,
 }
 
 fn opt(s: &str) -> Option<String> {
@@ -80,18 +98,41 @@ fn now_ms() -> i64 {
 
 impl IngestService {
     /// Builds the service.
-    pub fn new(core: IngestCore, max_batch: usize, metrics: Metrics) -> Self {
+    pub fn new(core: IngestCore, max_batch: usize, metrics: Metrics, guard: Guard) -> Self {
         Self {
             core,
             max_batch,
             metrics,
+            guard,
         }
+    }
+
+    /// The carrier calling: from its client certificate (mutual TLS), or
+    /// the configured carrier in plaintext development mode. A certificate
+    /// of another carrier is `PERMISSION_DENIED`.
+    fn authorize<T>(&self, req: &Request<T>) -> Result<String, Status> {
+        let me = self.core.provider_id();
+        let Some(clients) = &self.guard.clients else {
+            return Ok(me.to_string());
+        };
+        let caller = clients.authenticate(req).inspect_err(|st| {
+            tracing::warn!(code = ?st.code(), reason = %st.message(), "ingest call refused");
+        })?;
+        if caller.principal != me {
+            tracing::warn!(identity = %caller.identity, principal = %caller.principal, "ingest call refused: certificate of another carrier");
+            return Err(Status::permission_denied(format!(
+                "client certificate {:?} is carrier {:?}; this ingester accepts records of {me:?} only",
+                caller.identity, caller.principal
+            )));
+        }
+        Ok(caller.principal)
     }
 
     /// One batch under its `Ingest` server span, which continues the
     /// caller's trace when the call carried a `traceparent`.
     async fn handle(
         &self,
+        principal: &str,
         req: pb::PublishRequest,
         traceparent: Option<&str>,
     ) -> Result<pb::PublishAck, Status> {
@@ -110,7 +151,7 @@ impl IngestService {
         );
         tollguard_runtime::otel::set_parent(&span, traceparent.map(str::as_bytes));
         let res = self
-            .handle_batch(req, traceparent)
+            .handle_batch(principal, req, traceparent)
             .instrument(span.clone())
             .await;
         if let Err(st) = &res {
@@ -122,6 +163,7 @@ impl IngestService {
 
     async fn handle_batch(
         &self,
+        principal: &str,
         req: pb::PublishRequest,
         traceparent: Option<&str>,
     ) -> Result<pb::PublishAck, Status> {
@@ -136,6 +178,24 @@ impl IngestService {
                 req.records.len(),
                 self.max_batch
             )));
+        }
+        if let Err(wait) = self
+            .guard
+            .limiter
+            .admit(principal, req.records.len(), Instant::now())
+        {
+            self.metrics
+                .count(&provider, "throttled", req.records.len() as u64);
+            // A batch within max_batch always fits the burst (validated).
+            let ms = wait.map_or(1000, |w| w.as_millis().max(1) as u64);
+            let mut st = Status::resource_exhausted(format!(
+                "rate limit of carrier {principal} exceeded; batch {} was not acknowledged, resend it after {ms} ms",
+                req.batch_id
+            ));
+            if let Ok(v) = ms.to_string().parse() {
+                st.metadata_mut().insert("retry-after-ms", v);
+            }
+            return Err(st);
         }
         let raws: Vec<RawRecord> = req.records.iter().map(raw_from_proto).collect();
         match self.core.publish(&raws, now_ms(), traceparent).await {
@@ -212,13 +272,35 @@ impl pb::ingest_server::Ingest for IngestService {
         &self,
         request: Request<Streaming<pb::PublishRequest>>,
     ) -> Result<Response<Self::PublishStream>, Status> {
+        let principal = self.authorize(&request)?;
+        let slot: StreamSlot = self.guard.streams.acquire(&principal).ok_or_else(|| {
+            Status::resource_exhausted(format!(
+                "carrier {principal} already has {} open Publish streams; close one or use fewer",
+                self.guard.streams.max()
+            ))
+        })?;
         let tp = traceparent(&request);
         let mut inbound = request.into_inner();
         let this = self.clone();
+        let idle = self.guard.stream_idle;
         let out = async_stream_acks(move |tx| async move {
-            while let Some(next) = inbound.next().await {
+            let _slot = slot;
+            loop {
+                let next = match tokio::time::timeout(idle, inbound.next()).await {
+                    Ok(Some(n)) => n,
+                    Ok(None) => break,
+                    Err(_) => {
+                        let _ = tx
+                            .send(Err(Status::deadline_exceeded(format!(
+                                "no batch received for {} ms; stream closed (open a new one)",
+                                idle.as_millis()
+                            ))))
+                            .await;
+                        break;
+                    }
+                };
                 let res = match next {
-                    Ok(req) => this.handle(req, tp.as_deref()).await,
+                    Ok(req) => this.handle(&principal, req, tp.as_deref()).await,
                     Err(s) => Err(s),
                 };
                 let stop = res.is_err();
@@ -234,8 +316,9 @@ impl pb::ingest_server::Ingest for IngestService {
         &self,
         request: Request<pb::PublishRequest>,
     ) -> Result<Response<pb::PublishAck>, Status> {
+        let principal = self.authorize(&request)?;
         let tp = traceparent(&request);
-        self.handle(request.into_inner(), tp.as_deref())
+        self.handle(&principal, request.into_inner(), tp.as_deref())
             .await
             .map(Response::new)
     }

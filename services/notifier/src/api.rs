@@ -1,11 +1,16 @@
 //! The partner `Alerts` gRPC API: `Watch`, `List`, `Acknowledge`, `Resolve`,
 //! every call scoped to the caller's identity.
 //!
-//! **Authentication is in development mode**: the caller sends a bearer
-//! token in the `x-tollguard-identity` metadata header, mapped to an
-//! identity (a provider id or `operator`) by `api.tokens`. The security
-//! issue replaces it with mTLS client certificates. A call without a valid
-//! token is `UNAUTHENTICATED`.
+//! **Authentication** is by mutual TLS: the caller's client certificate
+//! identity (SAN or CN) is mapped by `tls.clients` to a principal, a provider
+//! id or `operator` (see [`tollguard_runtime::tls`]). A call without a
+//! certificate is `UNAUTHENTICATED`; a certificate mapped to nobody is
+//! `PERMISSION_DENIED`. A carrier sees only incidents its traffic is part
+//! of, scoped by [`crate::scope`]; the operator sees everything.
+//!
+//! In the **development mode** (`tls.enabled = false`, loudly logged) the
+//! caller instead sends a bearer token in the `x-tollguard-identity`
+//! metadata header, mapped to an identity by `api.tokens`.
 
 use std::collections::{BTreeMap, HashMap};
 use std::pin::Pin;
@@ -48,7 +53,7 @@ pub enum Identity {
 impl Identity {
     /// From a configured identity string.
     pub fn parse(s: &str) -> Self {
-        if s == "operator" {
+        if s == tollguard_runtime::tls::OPERATOR {
             Identity::Operator
         } else {
             Identity::Carrier(s.to_string())
@@ -80,34 +85,67 @@ impl Identity {
     }
 }
 
-/// Token → identity, keyed by the tokens' SHA-256 (no token is compared
-/// byte by byte, and none is kept in clear).
-#[derive(Clone, Default)]
-pub struct Auth {
-    tokens: HashMap<[u8; 32], Identity>,
+/// How callers are identified.
+#[derive(Clone)]
+pub enum Auth {
+    /// Mutual TLS: client certificate identity → principal.
+    Certificates(tollguard_runtime::tls::ClientAuth),
+    /// DEVELOPMENT MODE: bearer token → identity, keyed by the tokens'
+    /// SHA-256 (no token is compared byte by byte, and none is kept in
+    /// clear).
+    DevTokens(HashMap<[u8; 32], Identity>),
+}
+
+impl Default for Auth {
+    fn default() -> Self {
+        Auth::DevTokens(HashMap::new())
+    }
 }
 
 impl std::fmt::Debug for Auth {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Auth")
-            .field("identities", &self.tokens.values().collect::<Vec<_>>())
-            .finish()
+        match self {
+            Auth::Certificates(c) => f
+                .debug_struct("Auth::Certificates")
+                .field("identities", &c.len())
+                .finish(),
+            Auth::DevTokens(t) => f
+                .debug_struct("Auth::DevTokens")
+                .field("identities", &t.values().collect::<Vec<_>>())
+                .finish(),
+        }
     }
 }
 
 impl Auth {
-    /// From `api.tokens`.
+    /// Development mode, from `api.tokens`.
     pub fn new(tokens: &BTreeMap<String, String>) -> Self {
-        Self {
-            tokens: tokens
+        Auth::DevTokens(
+            tokens
                 .iter()
                 .map(|(t, i)| (Sha256::digest(t.as_bytes()).into(), Identity::parse(i)))
                 .collect(),
-        }
+        )
+    }
+
+    /// Mutual TLS with `tls.clients`.
+    pub fn certificates(clients: tollguard_runtime::tls::ClientAuth) -> Self {
+        Auth::Certificates(clients)
     }
 
     /// The caller of `req`.
     pub fn identify<T>(&self, req: &Request<T>) -> Result<Identity, Status> {
+        let tokens = match self {
+            Auth::Certificates(c) => {
+                return c
+                    .authenticate(req)
+                    .map(|who| Identity::parse(&who.principal))
+                    .inspect_err(|st| {
+                        tracing::warn!(code = ?st.code(), reason = %st.message(), "Alerts API call refused");
+                    });
+            }
+            Auth::DevTokens(t) => t,
+        };
         let token = req
             .metadata()
             .get(IDENTITY_HEADER)
@@ -120,7 +158,7 @@ impl Auth {
                 ))
             })?;
         let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
-        self.tokens
+        tokens
             .get(&digest)
             .cloned()
             .ok_or_else(|| Status::unauthenticated("unknown token"))

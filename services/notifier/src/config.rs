@@ -317,6 +317,11 @@ pub struct NotifierConfig {
     /// State retention.
     #[serde(default)]
     pub state: StateSettings,
+    /// Mutual TLS of the Alerts API (required when `listen.grpc` is set,
+    /// unless `enabled = false`); `tls.clients` maps client certificate
+    /// identities to a provider id or `operator`.
+    #[serde(default)]
+    pub tls: tollguard_runtime::tls::TlsSettings,
 }
 
 fn default_alerts() -> String {
@@ -452,6 +457,21 @@ impl NotifierConfig {
             }
             if identity.trim().is_empty() {
                 return Err(ConfigError::new("api.tokens", "an identity is empty"));
+            }
+        }
+        if self.listen.grpc.is_some() {
+            self.tls.validate(|p| {
+                if p == tollguard_runtime::tls::OPERATOR {
+                    return Ok(());
+                }
+                tollguard_core::ingest::validate_provider_id("principal", p).map_err(|e| e.reason)
+            })?;
+            if !self.tls.plaintext() && !a.tokens.is_empty() {
+                return Err(ConfigError::new(
+                    "api.tokens",
+                    "development-mode bearer tokens are accepted only with tls.enabled = false; \
+                     with mutual TLS callers are identified by their client certificates (tls.clients)",
+                ));
             }
         }
         range("api.watch_buffer", a.watch_buffer, 1, 1_000_000)?;

@@ -47,6 +47,8 @@ struct Loaded {
     routing: Routing,
     mailer: Option<Mailer>,
     webhooks: WebhookClient,
+    /// TLS of the Alerts API (certificates loaded and checked).
+    security: tollguard_runtime::tls::GrpcSecurity,
 }
 
 fn load_all(mut cfg: NotifierConfig) -> Result<Loaded, ConfigError> {
@@ -70,11 +72,17 @@ fn load_all(mut cfg: NotifierConfig) -> Result<Loaded, ConfigError> {
         Duration::from_millis(cfg.webhooks.connect_timeout_ms),
     )
     .map_err(|e| ConfigError::new("webhooks", e))?;
+    let security = if cfg.listen.grpc.is_some() {
+        cfg.tls.load()?
+    } else {
+        tollguard_runtime::tls::GrpcSecurity::Plaintext
+    };
     Ok(Loaded {
         cfg,
         routing,
         mailer,
         webhooks,
+        security,
     })
 }
 
@@ -130,6 +138,7 @@ async fn run(l: Loaded) -> anyhow::Result<()> {
         routing,
         mailer,
         webhooks,
+        security,
     } = l;
     let stop = shutdown::on_signal();
     let health = Health::new("tollguard");
@@ -252,19 +261,26 @@ async fn run(l: Loaded) -> anyhow::Result<()> {
     let api_stop = tokio_util::sync::CancellationToken::new();
     let server = match cfg.listen.grpc {
         Some(addr) => {
-            if cfg.api.tokens.is_empty() {
-                tracing::warn!(
-                    "api.tokens is empty: every Alerts API call will be UNAUTHENTICATED"
-                );
-            }
-            tracing::warn!(
-                identities = cfg.api.tokens.len(),
-                "DEVELOPMENT-MODE AUTHENTICATION: Alerts API callers are identified by bearer tokens in the \
-                 x-tollguard-identity header (api.tokens); this is replaced by mTLS client certificates \
-                 (security issue) and must not face the internet"
-            );
+            security.log("alerts");
+            let auth = match security.clients() {
+                Some(clients) => Auth::certificates(clients.clone()),
+                None => {
+                    if cfg.api.tokens.is_empty() {
+                        tracing::warn!(
+                            "api.tokens is empty: every Alerts API call will be UNAUTHENTICATED"
+                        );
+                    }
+                    tracing::warn!(
+                        identities = cfg.api.tokens.len(),
+                        "DEVELOPMENT-MODE AUTHENTICATION: Alerts API callers are identified by bearer tokens in the \
+                         x-tollguard-identity header (api.tokens) over plaintext; never expose this endpoint \
+                         outside a development machine (set the tls section for mutual TLS)"
+                    );
+                    Auth::new(&cfg.api.tokens)
+                }
+            };
             let svc = AlertsService::new(
-                Auth::new(&cfg.api.tokens),
+                auth,
                 incidents.clone(),
                 store.clone(),
                 ledger.clone(),
@@ -281,8 +297,12 @@ async fn run(l: Loaded) -> anyhow::Result<()> {
             let listener = tokio::net::TcpListener::bind(addr).await?;
             tracing::info!(grpc = %listener.local_addr()?, "Alerts API listening");
             let api_stop2 = api_stop.clone();
+            let builder = security.apply(tonic::transport::Server::builder())?;
             Some(tokio::spawn(async move {
-                tonic::transport::Server::builder()
+                builder
+                    .timeout(Duration::from_secs(30))
+                    .http2_keepalive_interval(Some(Duration::from_secs(30)))
+                    .http2_keepalive_timeout(Some(Duration::from_secs(10)))
                     .add_service(health_svc)
                     .add_service(reflection)
                     .add_service(svc.into_server())

@@ -13,3 +13,4 @@ pub mod otel;
 pub mod redis_store;
 pub mod shutdown;
 pub mod telemetry;
+pub mod tls;
