@@ -249,7 +249,7 @@ async fn webhooks_are_signed_retried_dead_lettered_isolated_and_ledgered() {
     assert_eq!(tf.attempts.len(), 1, "410 is permanent: no retry");
     assert_eq!(tf.attempts[0].response_code, 410);
     assert_eq!(tf.attempts[0].status, pb::DeliveryStatus::Failed as i32);
-    assert!(metric(n.http, "tollguard_notifier_dlq_total").await >= 2.0);
+    assert!(metric(n.http, "tollguard_notifier_dead_letters_total").await >= 2.0);
 
     // Every attempt and outcome is in the ledger, hash-chained.
     let recs = wait_for("the ledger", Duration::from_secs(60), || {

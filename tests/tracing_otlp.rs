@@ -349,4 +349,20 @@ async fn one_trace_spans_ingest_correlator_and_notifier_through_real_kafka() {
         .expect("the correlator's alert publish span");
     assert_eq!(publish.trace, batch.trace);
     assert_eq!(publish.parent, batch.span);
+
+    // The same run's metrics: window store latency per call and the
+    // consumer lag of each group, measured from the broker.
+    assert!(
+        metric(cor_http, "tollguard_window_store_request_seconds_count").await >= 1.0,
+        "correlator: no window store call timed"
+    );
+    for (port, group) in [(cor_http, "correlator"), (not_http, "notifier")] {
+        let body = http_get(port, "/metrics").await.unwrap().1;
+        assert!(
+            body.lines()
+                .any(|l| l.starts_with("tollguard_kafka_consumer_lag_records{")
+                    && l.contains(&format!("group=\"{id}-{group}\""))),
+            "{group}: no consumer lag gauge:\n{body}"
+        );
+    }
 }

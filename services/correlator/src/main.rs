@@ -18,6 +18,7 @@ use tollguard_runtime::config::{exit_config, load, read_file as read};
 use tollguard_runtime::health::{self, Health};
 use tollguard_runtime::kafka::KafkaBus;
 use tollguard_runtime::redis_store::RedisStore;
+use tollguard_runtime::store_metrics::MeteredStore;
 use tollguard_runtime::{shutdown, telemetry};
 
 /// The correlator: consumes call events, evaluates the rules over shared
@@ -109,6 +110,16 @@ async fn run(cfg: CorrelatorConfig, det: Detector) -> anyhow::Result<()> {
         }
     };
     health.set("redis", None);
+    // Store latency by operation; consumer lag of the group.
+    let store = health.with_registry(|r| MeteredStore::wrap(store, r));
+    tollguard_runtime::lag::spawn(
+        cfg.kafka.clone(),
+        cfg.group.clone(),
+        vec![cfg.topics.calls.clone()],
+        health.with_registry(tollguard_runtime::lag::register),
+        Duration::from_secs(15),
+        stop.clone(),
+    );
     let topics = Topics {
         calls: cfg.topics.calls.clone(),
         alerts: cfg.topics.alerts.clone(),

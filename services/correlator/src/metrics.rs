@@ -70,8 +70,8 @@ impl Metrics {
             m.alerts.clone(),
         );
         reg.register(
-            "correlator_window_store_seconds",
-            "Window store and rule evaluation time per batch",
+            "correlator_batch_seconds",
+            "Engine time per batch: window store round trips and rule evaluation (per call: window_store_request_seconds)",
             m.store_seconds.clone(),
         );
         m

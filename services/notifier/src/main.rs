@@ -26,6 +26,7 @@ use tollguard_runtime::config::{exit_config, load};
 use tollguard_runtime::health::{self, Health};
 use tollguard_runtime::kafka::KafkaBus;
 use tollguard_runtime::redis_store::RedisStore;
+use tollguard_runtime::store_metrics::MeteredStore;
 use tollguard_runtime::{shutdown, telemetry};
 
 /// The notifier: fans alerts out to webhooks and e-mail, serves the partner
@@ -176,6 +177,16 @@ async fn run(l: Loaded) -> anyhow::Result<()> {
         }
     };
     health.set("redis", None);
+    // Store latency by operation; consumer lag of the group.
+    let store = health.with_registry(|r| MeteredStore::wrap(store, r));
+    tollguard_runtime::lag::spawn(
+        cfg.kafka.clone(),
+        cfg.group.clone(),
+        vec![cfg.alerts_topic.clone()],
+        health.with_registry(tollguard_runtime::lag::register),
+        Duration::from_secs(15),
+        stop.clone(),
+    );
     // The ledger and DLQ topics (left alone when they exist).
     loop {
         match bus

@@ -63,7 +63,7 @@ impl Metrics {
             m.watch_subscribers.clone(),
         );
         reg.register(
-            "notifier_dlq",
+            "notifier_dead_letters",
             "Notifications written to the dead-letter topic",
             m.dlq.clone(),
         );

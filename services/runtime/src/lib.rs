@@ -9,8 +9,10 @@
 pub mod config;
 pub mod health;
 pub mod kafka;
+pub mod lag;
 pub mod otel;
 pub mod redis_store;
 pub mod shutdown;
+pub mod store_metrics;
 pub mod telemetry;
 pub mod tls;
