@@ -480,6 +480,8 @@ pub fn generate(sc: &Scenario) -> SimOutput {
         slow_burn(&mut g, &mut out);
         call_centre(&mut g, &mut out);
         real_ties(&mut g, &mut out);
+        holiday_peak(&mut g, &mut out);
+        new_branch_abroad(&mut g, &mut out);
     }
     out.records.sort_by(|a, b| {
         a.at.cmp(&b.at)
@@ -962,6 +964,105 @@ fn real_ties(g: &mut Gen, out: &mut SimOutput) {
         "png-office",
         vec![cust.into()],
         vec!["+6753".into()],
+        vec![],
+        sc.start,
+        sc.start,
+        &[],
+    ));
+}
+
+/// Benign look-alike: a travel agency that books hotels in Cuba every
+/// working day, and on the Monday before the holiday season calls them five
+/// times as often, through both its carriers.
+fn holiday_peak(g: &mut Gen, out: &mut SimOutput) {
+    let sc = g.sc.clone();
+    let (a, b) = (carrier_index(&sc, "kpn"), carrier_index(&sc, "odido"));
+    let cust = "kvk:61230003";
+    let hotels: Vec<String> = (0..25).map(|_| g.number(&[("+537", 7)])).collect();
+    for day in 0..sc.days {
+        let weekday = (day + 2) % 7; // the scenario starts on a Wednesday
+        if matches!(weekday, 5 | 6) {
+            continue;
+        }
+        let n = if weekday == 0 { 60 } else { 12 };
+        for _ in 0..n {
+            let start = local(&sc, day, g.rng.random_range(9.0..17.5));
+            let ci = if g.rng.random_bool(0.5) { a } else { b };
+            let callee = hotels[g.rng.random_range(0..hotels.len())].clone();
+            let answered = g.rng.random_bool(0.8);
+            let dur = if answered {
+                exp(&mut g.rng, 200.0).clamp(15.0, 1500.0).round()
+            } else {
+                0.0
+            };
+            let line = format!("kvk61230003-desk-{}", g.rng.random_range(0..6));
+            g.call(
+                &mut out.records,
+                ci,
+                Some(cust),
+                &line,
+                "+31205559200",
+                &callee,
+                start,
+                dur,
+                answered,
+            );
+        }
+    }
+    out.labels.push(label(
+        "benign_lookalike",
+        "holiday-peak",
+        vec![cust.into()],
+        vec!["+537".into()],
+        vec![],
+        sc.start,
+        sc.start,
+        &[],
+    ));
+}
+
+/// Benign look-alike: an aid organisation that opens a branch office in
+/// Somalia on the third day and from then on calls it from several desks
+/// through two carriers (a first day of setting up, then routine).
+fn new_branch_abroad(g: &mut Gen, out: &mut SimOutput) {
+    let sc = g.sc.clone();
+    let (a, b) = (carrier_index(&sc, "vodafone"), carrier_index(&sc, "kpn"));
+    let cust = "kvk:61230004";
+    let branch: Vec<String> = (0..4).map(|_| g.number(&[("+2521", 6)])).collect();
+    for day in 2..sc.days {
+        if matches!((day + 2) % 7, 5 | 6) {
+            continue;
+        }
+        let n = if day == 2 { 20 } else { 12 };
+        for _ in 0..n {
+            let start = local(&sc, day, g.rng.random_range(9.0..17.0));
+            let ci = if g.rng.random_bool(0.5) { a } else { b };
+            let callee = branch[g.rng.random_range(0..branch.len())].clone();
+            let answered = g.rng.random_bool(0.7);
+            let dur = if answered {
+                exp(&mut g.rng, 360.0).clamp(20.0, 2400.0).round()
+            } else {
+                0.0
+            };
+            let line = format!("kvk61230004-desk-{}", g.rng.random_range(0..5));
+            g.call(
+                &mut out.records,
+                ci,
+                Some(cust),
+                &line,
+                "+31205559300",
+                &callee,
+                start,
+                dur,
+                answered,
+            );
+        }
+    }
+    out.labels.push(label(
+        "benign_lookalike",
+        "new-branch-abroad",
+        vec![cust.into()],
+        vec!["+2521".into()],
         vec![],
         sc.start,
         sc.start,

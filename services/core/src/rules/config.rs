@@ -122,7 +122,7 @@ pub struct MultiCarrierBurst {
     pub default_business_days: String,
     /// Time zone of those business hours.
     pub default_time_zone: String,
-    /// A customer that called the same range on at least this many distinct
+    /// A customer that called the same country on at least this many distinct
     /// days in the last `familiar_window_days` has an established pattern…
     pub familiar_days: i64,
     /// … looked for over this many days …

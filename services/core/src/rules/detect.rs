@@ -129,7 +129,6 @@ struct CustomerIdx {
     hr_spend: Option<usize>,
     hr_lines: Option<usize>,
     hr_daily: Option<usize>,
-    familiar: Option<usize>,
     overlap: Option<usize>,
     probe: Option<usize>,
 }
@@ -152,7 +151,9 @@ struct RangeIdx {
 struct ProfileIdx {
     weeks: Vec<usize>,
     days: Vec<usize>,
-    active: usize,
+    active: Option<usize>,
+    /// Distinct days the customer called this country (customer scope).
+    familiar: Option<usize>,
 }
 
 /// Indices of the ops of a Wangiri wave update (scope: the caller's range).
@@ -431,8 +432,7 @@ impl Detector {
                     prune_before: pn - w - lateness(cfg),
                 });
                 // Cumulative out-of-hours high-risk spend (slow burns run at
-                // night, when nobody watches) and the customer's familiarity
-                // with this range (distinct days it was called).
+                // night, when nobody watches).
                 let hours = self
                     .policy(e)
                     .business_hours
@@ -453,20 +453,6 @@ impl Detector {
                     from: bucket(now - 86_400_000, SPEND_DAILY_BUCKET) + 1,
                     to: bucket(now, SPEND_DAILY_BUCKET),
                     prune_before: bucket(pn - 86_400_000 - lateness(cfg), SPEND_DAILY_BUCKET),
-                });
-                let fw = b.familiar_window_days * 86_400_000;
-                let fkey = format!("hd:{}", remote.range);
-                ops.push(Op::Mark {
-                    key: fkey.clone(),
-                    group: String::new(),
-                    id: e.start_time.div_euclid(86_400_000).to_string(),
-                    ts: now,
-                });
-                ci.familiar = Some(ops.len());
-                ops.push(Op::Distinct {
-                    key: fkey,
-                    since: now - fw,
-                    prune_before: pn - fw,
                 });
             }
         }
@@ -675,15 +661,17 @@ impl Detector {
         } else {
             None
         };
-        // Baselines: the customer's own profile, and its peer group's.
-        let bl = &cfg.multi_carrier_burst.baseline;
+        // History kept for weeks: the customer's familiarity with the
+        // country and its baseline profile, and its peer group's.
+        let b = &cfg.multi_carrier_burst;
+        let bl = &b.baseline;
         let abroad = e.callee_info.country != e.caller_info.country;
         let (mut base, mut peer) = (None, None);
-        if outbound && abroad && bl.enabled && cfg.multi_carrier_burst.enabled {
-            let counted = remote.risk_tier >= cfg.multi_carrier_burst.min_risk_tier;
+        if outbound && abroad && b.enabled {
+            let counted = remote.risk_tier >= b.min_risk_tier;
             let member = e.subject().compact();
-            let (ops, idx) = profile_ops(bl, e, now, pn, counted, &e.call_key(), None, call_ttl);
-            let bttl = ((bl.weeks * 7 + 2) * 86_400_000).max(ttl);
+            let (ops, idx) = profile_ops(b, e, now, pn, counted, &e.call_key(), None, call_ttl);
+            let bttl = (((bl.weeks * 7).max(b.familiar_window_days) + 2) * DAY).max(ttl);
             updates.push(Update {
                 scope: Scope::Customer(member.clone()),
                 dedupe: format!("bl/{}", e.event_key()),
@@ -691,9 +679,11 @@ impl Detector {
                 ops,
             });
             base = Some((updates.len() - 1, idx));
-            if let Some(g) = &self.policy(e).peer_group {
+            if let Some(g) = &self.policy(e).peer_group
+                && bl.enabled
+            {
                 let (ops, idx) = profile_ops(
-                    bl,
+                    b,
                     e,
                     now,
                     pn,
@@ -721,6 +711,16 @@ impl Detector {
             now,
             late: false,
         }
+    }
+
+    /// Distinct days (within `familiar_window_days`) the customer called the
+    /// event's destination country.
+    fn familiar_days(&self, plan: &Plan, outcomes: &[Outcome]) -> i64 {
+        plan.base
+            .as_ref()
+            .and_then(|(u, idx)| Some((*u, idx.familiar?)))
+            .and_then(|(u, i)| outcomes.get(u)?.results.get(i))
+            .map_or(0, |r| r.groups().total)
     }
 
     /// The normal high-risk volume at this hour for the event's customer:
@@ -797,7 +797,7 @@ impl Detector {
                 // A customer with an established pattern to this range (its
                 // office abroad) gets more room before a slow-burn alert.
                 let b = &cfg.multi_carrier_burst;
-                let familiar = get(u, ci.familiar).total >= b.familiar_days;
+                let familiar = self.familiar_days(plan, outcomes) >= b.familiar_days;
                 let hr_cap = if familiar {
                     (self.th.high_risk_daily_cap as f64 * b.familiar_factor) as i64
                 } else {
@@ -870,7 +870,7 @@ impl Detector {
                     .as_ref()
                     .unwrap_or(&self.th.default_hours)
                     .contains(now);
-                let familiar_days = get(u, ci.familiar).total;
+                let familiar_days = self.familiar_days(plan, outcomes);
                 let familiar = familiar_days >= b.familiar_days;
                 let factor = if off_hours {
                     b.out_of_hours_factor
@@ -933,7 +933,10 @@ impl Detector {
                     t.insert("critical_calls".into(), critical_calls.to_string());
                     t.insert("outside_business_hours".into(), off_hours.to_string());
                     t.insert("inside_business_hours".into(), in_hours.to_string());
-                    t.insert("days_calling_this_range".into(), familiar_days.to_string());
+                    t.insert(
+                        "days_calling_this_country".into(),
+                        familiar_days.to_string(),
+                    );
                     t.insert("critical_spend_eur".into(), format_amount(critical_spend));
                     t.insert("min_risk_tier".into(), b.min_risk_tier.as_str().into());
                     t.insert(
@@ -1380,15 +1383,18 @@ impl Detector {
 const HOUR: i64 = 3_600_000;
 const DAY: i64 = 86_400_000;
 
-/// The ops of a baseline profile update. Writes: a call to a counted range
-/// adds 1 (once per call) and its spend to the hour bucket of its start
-/// (`bh`, groups `n` and `s`); every call abroad marks its day active (`ad`;
-/// in a peer scope, the member active that day). Reads, only for a counted
-/// call (where the burst rule looks): the smoothed hour slot in each past
-/// week and on each past day, and the active days.
+/// The ops of a customer's (or peer group's) long-lived history update,
+/// kept for weeks unlike the windows. Writes: a call to a counted range
+/// marks its day in the customer's days calling that country (`hd:<cc>`)
+/// and, with baselines on, adds 1 (once per call) and its spend to the hour
+/// bucket of its start (`bh`, groups `n` and `s`); every call abroad marks
+/// its day active (`ad`; in a peer scope, the member active that day).
+/// Reads, only for a counted call (where the burst rule looks): the days
+/// calling that country, the smoothed hour slot in each past week and on
+/// each past day, and the active days.
 #[allow(clippy::too_many_arguments)]
 fn profile_ops(
-    bl: &super::config::Baseline,
+    b: &super::config::MultiCarrierBurst,
     e: &CallEvent,
     now: Millis,
     pn: Millis,
@@ -1397,11 +1403,34 @@ fn profile_ops(
     member: Option<&str>,
     call_ttl: i64,
 ) -> (Vec<Op>, ProfileIdx) {
+    let bl = &b.baseline;
     let mut ops = Vec::new();
     let mut idx = ProfileIdx::default();
     let day = e.start_time.div_euclid(DAY);
+    if counted && member.is_none() {
+        // Per country, not per range: a travel agency booking hotels all
+        // over Cuba every day knows Cuba, whichever range.
+        let fw = b.familiar_window_days * DAY;
+        let fkey = format!("hd:{}", e.remote().country_code);
+        ops.push(Op::Mark {
+            key: fkey.clone(),
+            group: String::new(),
+            id: day.to_string(),
+            ts: now,
+        });
+        idx.familiar = Some(ops.len());
+        ops.push(Op::Distinct {
+            key: fkey,
+            since: now - fw,
+            prune_before: pn - fw,
+        });
+    }
+    if !bl.enabled {
+        return (ops, idx);
+    }
     if counted {
         let ck = format!("bc:{call_key}");
+        let first = ops.len();
         ops.push(Op::CallMax {
             key: ck.clone(),
             field: "n".into(),
@@ -1415,7 +1444,7 @@ fn profile_ops(
             ttl_ms: call_ttl,
         });
         let h = e.start_time.div_euclid(HOUR);
-        for (group, r) in [("n", 0), ("s", 1)] {
+        for (group, r) in [("n", first), ("s", first + 1)] {
             ops.push(Op::Add {
                 key: "bh".into(),
                 bucket: h,
@@ -1454,7 +1483,7 @@ fn profile_ops(
                 prune_before: prune.min(oldest),
             });
         }
-        idx.active = ops.len();
+        idx.active = Some(ops.len());
         let span = (bl.weeks * 7 + 4) * DAY;
         ops.push(Op::Distinct {
             key: "ad".into(),
@@ -1500,7 +1529,7 @@ fn expected(
     per_member: bool,
 ) -> Option<Expected> {
     let groups = |i: usize| results.get(i).map(OpResult::groups).unwrap_or_default();
-    let active = groups(idx.active);
+    let active = groups(idx.active?);
     let today = now.div_euclid(DAY);
     // Active days (or members per day) by day index.
     let on = |d: i64| active.by.get(&d.to_string()).copied().unwrap_or(0);
