@@ -801,3 +801,194 @@ fn schema_covers_every_value() {
         }
     }
 }
+
+/// The notifier serves the Alerts API: a `grpc` container and Service port,
+/// `listen.grpc` and mutual TLS from a mounted Secret (every carrier's
+/// certificate identity mapped to it), its state in the shared Redis with the
+/// correlator's key prefix, and a NetworkPolicy admitting the gRPC port from
+/// the configured peers and letting it reach Redis.
+#[test]
+fn the_notifier_serves_the_alerts_api_over_mtls_with_state_in_redis() {
+    let values = format!(
+        "{THREE_CARRIERS}\nnotifier:\n  networkPolicy:\n    grpcFrom:\n      - ipBlock:\n          cidr: 10.20.0.0/16\n"
+    );
+    let docs = documents(&template(&values, &[]).unwrap_or_else(|e| panic!("{e}")));
+    let deploy = of_kind(&docs, "Deployment")
+        .into_iter()
+        .find(|d| label(d, "app.kubernetes.io/component") == Some("notifier"))
+        .expect("notifier Deployment");
+    let pod = get(deploy, &["spec", "template", "spec"]).unwrap();
+    let c = &seq(pod.get("containers"))[0];
+    let ports: BTreeMap<&str, i64> = seq(c.get("ports"))
+        .into_iter()
+        .map(|p| {
+            (
+                s(p, &["name"]).unwrap(),
+                get(p, &["containerPort"]).unwrap().as_i64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(ports.get("grpc"), Some(&50053), "{ports:?}");
+    assert!(
+        seq(c.get("volumeMounts"))
+            .iter()
+            .any(|m| s(m, &["mountPath"]) == Some("/etc/tollguard/secrets/tls")),
+        "the Alerts API's TLS Secret is mounted"
+    );
+    assert!(
+        seq(pod.get("volumes"))
+            .iter()
+            .any(|v| s(v, &["secret", "secretName"]) == Some("tg-tollguard-notifier-tls")),
+        "default Secret name: {:?}",
+        pod.get("volumes")
+    );
+    let svc = of_kind(&docs, "Service")
+        .into_iter()
+        .find(|d| label(d, "app.kubernetes.io/component") == Some("notifier"))
+        .expect("notifier Service");
+    assert!(
+        seq(get(svc, &["spec", "ports"]))
+            .iter()
+            .any(|p| s(p, &["name"]) == Some("grpc") && s(p, &["targetPort"]) == Some("grpc")),
+        "the Service exposes the Alerts API"
+    );
+    let cm = of_kind(&docs, "ConfigMap")
+        .into_iter()
+        .find(|d| name(d) == name(deploy))
+        .expect("notifier ConfigMap");
+    let config: toml::Table = s(cm, &["data", "config.toml"]).unwrap().parse().unwrap();
+    assert_eq!(config["listen"]["grpc"].as_str(), Some("0.0.0.0:50053"));
+    assert_eq!(
+        config["redis"]["url"].as_str(),
+        Some("redis://redis-master:6379/")
+    );
+    assert_eq!(config["redis"]["key_prefix"].as_str(), Some("tg:"));
+    assert_eq!(
+        config["tls"]["client_ca_file"].as_str(),
+        Some("/etc/tollguard/secrets/tls/ca.crt")
+    );
+    for carrier in CARRIERS {
+        assert_eq!(
+            config["tls"]["clients"][carrier].as_str(),
+            Some(carrier),
+            "{config:?}"
+        );
+    }
+    let np = of_kind(&docs, "NetworkPolicy")
+        .into_iter()
+        .find(|d| name(d) == name(deploy))
+        .expect("notifier NetworkPolicy");
+    let grpc_rule = seq(get(np, &["spec", "ingress"]))
+        .into_iter()
+        .find(|r| {
+            seq(r.get("ports"))
+                .iter()
+                .any(|p| s(p, &["port"]) == Some("grpc"))
+        })
+        .expect("an ingress rule for the Alerts API");
+    assert_eq!(
+        s(&seq(grpc_rule.get("from"))[0], &["ipBlock", "cidr"]),
+        Some("10.20.0.0/16")
+    );
+    assert!(
+        seq(get(np, &["spec", "egress"]))
+            .iter()
+            .any(|r| seq(r.get("ports"))
+                .iter()
+                .any(|p| get(p, &["port"]).and_then(Value::as_i64) == Some(6379))),
+        "the notifier may reach Redis"
+    );
+
+    // Plaintext development mode and no API at all.
+    let docs = documents(
+        &template(&values, &["--set", "notifier.tls.enabled=false"])
+            .unwrap_or_else(|e| panic!("{e}")),
+    );
+    let cm = of_kind(&docs, "ConfigMap")
+        .into_iter()
+        .find(|d| name(d) == "tg-tollguard-notifier")
+        .unwrap();
+    let config: toml::Table = s(cm, &["data", "config.toml"]).unwrap().parse().unwrap();
+    assert_eq!(config["tls"]["enabled"].as_bool(), Some(false));
+    let docs = documents(
+        &template(&values, &["--set", "notifier.grpcPort=0"]).unwrap_or_else(|e| panic!("{e}")),
+    );
+    let cm = of_kind(&docs, "ConfigMap")
+        .into_iter()
+        .find(|d| name(d) == "tg-tollguard-notifier")
+        .unwrap();
+    let config: toml::Table = s(cm, &["data", "config.toml"]).unwrap().parse().unwrap();
+    assert!(
+        config["listen"].get("grpc").is_none() && config.get("tls").is_none(),
+        "{config:?}"
+    );
+}
+
+/// With a collector endpoint every service gets the standard OTEL_*
+/// variables (its own service name) and may reach the collector; without
+/// one, none of them is set.
+#[test]
+fn tracing_sets_the_standard_otel_variables_and_opens_the_collector_port() {
+    let values = format!(
+        "{THREE_CARRIERS}\ntracing:\n  otlpEndpoint: http://otel-collector.monitoring:4317\n  samplerRatio: 0.25\n  resourceAttributes:\n    deployment.environment: prod\n"
+    );
+    let docs = documents(&template(&values, &[]).unwrap_or_else(|e| panic!("{e}")));
+    let deployments = of_kind(&docs, "Deployment");
+    assert_eq!(
+        deployments.len(),
+        5,
+        "three ingesters, correlator, notifier"
+    );
+    for d in &deployments {
+        let c = &seq(get(d, &["spec", "template", "spec", "containers"]))[0];
+        let env: BTreeMap<&str, &str> = seq(c.get("env"))
+            .into_iter()
+            .filter_map(|e| Some((s(e, &["name"])?, s(e, &["value"])?)))
+            .collect();
+        let component = label(d, "app.kubernetes.io/component").unwrap();
+        assert_eq!(
+            env.get("OTEL_EXPORTER_OTLP_ENDPOINT"),
+            Some(&"http://otel-collector.monitoring:4317"),
+            "{}",
+            name(d)
+        );
+        assert_eq!(
+            env.get("OTEL_SERVICE_NAME").copied(),
+            Some(format!("tollguard-{component}").as_str())
+        );
+        assert_eq!(
+            env.get("OTEL_TRACES_SAMPLER"),
+            Some(&"parentbased_traceidratio")
+        );
+        assert_eq!(env.get("OTEL_TRACES_SAMPLER_ARG"), Some(&"0.25"));
+        let attrs = env["OTEL_RESOURCE_ATTRIBUTES"];
+        assert!(
+            attrs.contains("deployment.environment=prod")
+                && attrs.contains("k8s.namespace.name=tollguard")
+                && attrs.contains("k8s.pod.name=$(POD_NAME)"),
+            "{attrs}"
+        );
+    }
+    for np in of_kind(&docs, "NetworkPolicy") {
+        assert!(
+            seq(get(np, &["spec", "egress"]))
+                .iter()
+                .any(|r| seq(r.get("ports"))
+                    .iter()
+                    .any(|p| get(p, &["port"]).and_then(Value::as_i64) == Some(4317))),
+            "{} may not reach the collector",
+            name(np)
+        );
+    }
+    // Without an endpoint: no OTEL_* variable at all (traces off).
+    for d in of_kind(&render_three(), "Deployment") {
+        let c = &seq(get(d, &["spec", "template", "spec", "containers"]))[0];
+        assert!(
+            !seq(c.get("env"))
+                .iter()
+                .any(|e| s(e, &["name"]).is_some_and(|n| n.starts_with("OTEL_"))),
+            "{}",
+            name(d)
+        );
+    }
+}

@@ -309,8 +309,14 @@ client_id = {{ include "tollguard.tomlValue" .clientId }}
   value: parentbased_traceidratio
 - name: OTEL_TRACES_SAMPLER_ARG
   value: {{ $v.tracing.samplerRatio | toString | quote }}
+{{- $attrs := list "service.namespace=tollguard" (printf "k8s.namespace.name=%s" .root.Release.Namespace) }}
+{{- range $k, $val := $v.tracing.resourceAttributes }}
+{{- $attrs = append $attrs (printf "%s=%s" $k (toString $val)) }}
+{{- end }}
 - name: OTEL_RESOURCE_ATTRIBUTES
-  value: {{ printf "service.namespace=tollguard,k8s.namespace.name=%s" .root.Release.Namespace | quote }}
+  value: {{ printf "%s,k8s.pod.name=$(POD_NAME)" (join "," $attrs) | quote }}
+- name: OTEL_BSP_SCHEDULE_DELAY
+  value: {{ $v.tracing.exportDelayMs | int | toString | quote }}
 {{- end }}
 {{- if $v.kafka.sasl.mechanism }}
 - name: TOLLGUARD__KAFKA__EXTRA__SASL__USERNAME
