@@ -99,7 +99,7 @@ impl IngestCore {
         let span_tp = tollguard_runtime::otel::traceparent(&span);
         let traceparent = span_tp.as_deref().or(traceparent);
         for (i, r) in records.iter().enumerate() {
-            match self.ingestor.ingest(r, now) {
+            match check_text_fields(r).and_then(|()| self.ingestor.ingest(r, now)) {
                 Ok(ev) => {
                     let key = ev.subject().compact().into_bytes();
                     let tp = traceparent
@@ -145,6 +145,48 @@ impl IngestCore {
         out.accepted = n;
         Ok(out)
     }
+}
+
+/// Longest text field accepted, in bytes (ids, numbers, times, codes).
+pub const MAX_FIELD_BYTES: usize = 256;
+
+/// Refuses text fields that are too long or hold control characters (a
+/// hostile or broken client must not inflate the bus or forge log lines).
+/// The error names the field and never repeats its content.
+pub fn check_text_fields(r: &RawRecord) -> Result<(), FieldError> {
+    let fields: [(&str, &Option<String>); 15] = [
+        ("provider_id", &r.provider_id),
+        ("event_id", &r.event_id),
+        ("call_id", &r.call_id),
+        ("phase", &r.phase),
+        ("customer_id", &r.customer_id),
+        ("line_id", &r.line_id),
+        ("caller", &r.caller),
+        ("callee", &r.callee),
+        ("direction", &r.direction),
+        ("start_time", &r.start_time),
+        ("answer_time", &r.answer_time),
+        ("disposition", &r.disposition),
+        ("source_ip", &r.source_ip),
+        ("charge_amount", &r.charge_amount),
+        ("charge_currency", &r.charge_currency),
+    ];
+    for (name, v) in fields {
+        let Some(v) = v else { continue };
+        if v.len() > MAX_FIELD_BYTES {
+            return Err(FieldError::invalid(
+                name,
+                format!(
+                    "is {} bytes long; at most {MAX_FIELD_BYTES} are allowed",
+                    v.len()
+                ),
+            ));
+        }
+        if v.chars().any(char::is_control) {
+            return Err(FieldError::invalid(name, "contains control characters"));
+        }
+    }
+    Ok(())
 }
 
 /// Why a batch was not published.
