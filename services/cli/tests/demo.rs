@@ -208,3 +208,133 @@ async fn eval_suite_catches_every_campaign_without_false_alarms() {
         "timeline has alert marks"
     );
 }
+
+/// Shifts `start_time` and `answer_time` of every record in `file` by
+/// `secs` (a carrier whose clock is off).
+fn skew(file: &std::path::Path, secs: i64) {
+    let text = std::fs::read_to_string(file).unwrap();
+    let mut out = String::new();
+    for line in text.lines() {
+        let mut v: serde_json::Value = serde_json::from_str(line).unwrap();
+        for f in ["start_time", "answer_time"] {
+            if let Some(t) = v.get(f).and_then(|t| t.as_str()) {
+                let t = chrono::DateTime::parse_from_rfc3339(t).unwrap()
+                    + chrono::Duration::seconds(secs);
+                v[f] =
+                    serde_json::Value::String(t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true));
+            }
+        }
+        out.push_str(&v.to_string());
+        out.push('\n');
+    }
+    std::fs::write(file, out).unwrap();
+}
+
+/// Critical incidents as (rule, customer, range) with how many distinct
+/// incident ids each has, and the first critical burst's detection time.
+async fn critical_incidents(
+    files: Vec<std::path::PathBuf>,
+    key: &std::path::Path,
+) -> (
+    std::collections::BTreeMap<(i32, String, String), std::collections::BTreeSet<String>>,
+    i64,
+) {
+    let args = ReplayArgs {
+        files,
+        json: true,
+        format: Format::Auto,
+        csv_mapping: None,
+        home_country: "NL".into(),
+        chunk: 1000,
+        pipeline: PipelineOpts {
+            key_file: Some(key.to_path_buf()),
+            ..pipeline()
+        },
+    };
+    let s = replay(&args, &mut Vec::new(), &mut Vec::new())
+        .await
+        .unwrap();
+    let mut m = std::collections::BTreeMap::new();
+    let mut first_burst = i64::MAX;
+    for a in &s.alerts {
+        if a.severity != pb::Severity::Critical as i32 {
+            continue;
+        }
+        let sub = a.subject.clone().unwrap_or_default();
+        let cust = sub.customer.map(|c| c.value).unwrap_or_default();
+        m.entry((a.rule, cust, sub.range.clone()))
+            .or_insert_with(std::collections::BTreeSet::new)
+            .insert(a.incident_id.clone());
+        if a.rule == pb::Rule::MultiCarrierBurst as i32 && sub.range == "+67077" {
+            first_burst = first_burst.min(from_ts(a.detected_at.as_ref().unwrap()));
+        }
+    }
+    (m, first_burst)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn carriers_clocks_minutes_apart_neither_miss_nor_duplicate_incidents() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("key");
+    std::fs::write(&key, "0123456789abcdef0123456789abcdef-skew-test").unwrap();
+    let sim = |name: &str| {
+        let out = dir.path().join(name);
+        simulate(
+            &SimulateArgs {
+                out: out.clone(),
+                preset: Preset::Consortium,
+                seed: 2011,
+                days: Some(3),
+                enterprises: Some(60),
+            },
+            &mut Vec::new(),
+        )
+        .unwrap();
+        out
+    };
+    let files = |d: &std::path::Path| -> Vec<std::path::PathBuf> {
+        let mut v: Vec<_> = std::fs::read_dir(d)
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|x| x == "jsonl"))
+            .collect();
+        v.sort();
+        v
+    };
+    let exact = sim("exact");
+    let skewed = sim("skewed");
+    // bt's clock runs three minutes fast, kpn's two minutes slow.
+    skew(&skewed.join("bt.jsonl"), 180);
+    skew(&skewed.join("kpn.jsonl"), -120);
+    let (want, t_exact) = critical_incidents(files(&exact), &key).await;
+    let (got, t_skewed) = critical_incidents(files(&skewed), &key).await;
+    assert!(
+        t_exact < i64::MAX,
+        "the 2011 burst is critical with exact clocks: {want:?}"
+    );
+    assert!(
+        t_skewed < i64::MAX,
+        "the 2011 burst was missed with skewed clocks: {got:?}"
+    );
+    // Detected within the skew of the exact-clock detection.
+    assert!(
+        (t_skewed - t_exact).abs() <= 5 * 60_000,
+        "detection moved by {} s",
+        (t_skewed - t_exact) / 1000
+    );
+    // Same critical incidents, one incident each (no duplicates).
+    assert_eq!(
+        got.keys().collect::<Vec<_>>(),
+        want.keys().collect::<Vec<_>>(),
+        "skew changed which incidents are critical"
+    );
+    for (k, ids) in &got {
+        assert_eq!(
+            ids.len(),
+            1,
+            "{k:?} became {} incidents: {ids:?}",
+            ids.len()
+        );
+    }
+}
