@@ -118,7 +118,8 @@ impl Ingestor {
             (None, Direction::Inbound) => 0,
         };
         let (block, offset) = callee.block();
-        let p = &self.pseudo;
+        // The key of the event's time (key rotation is by event time).
+        let p = self.pseudo.key_at(v.start_time);
         Ok(CallEvent {
             provider_id: v.provider_id,
             event_id: v.event_id,

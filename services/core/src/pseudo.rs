@@ -129,16 +129,36 @@ impl Key {
     }
 }
 
-/// The pseudonymiser used by ingesters: the active key.
+/// The pseudonymiser used by ingesters: the active key and, during a
+/// rotation, the next key with the **event time** from which it applies.
+///
+/// Key rotation is a schedule on event time, the same at every ingester:
+/// an event whose `start_time` is before `rotate_at` is pseudonymised with
+/// the current key, from `rotate_at` on with the next key. Tokens are thus a
+/// pure function of (value, event time): two carriers' ingesters give the
+/// same token for the same customer at the same event time whichever of them
+/// received the new configuration first, and a late event from before the
+/// switch still gets the old key and joins the other events of its window.
+/// See SECURITY.md, "Key rotation".
 #[derive(Debug, Clone)]
 pub struct Pseudonymizer {
     active: Key,
+    next: Option<(Key, i64)>,
 }
 
 impl Pseudonymizer {
     /// A pseudonymiser with one active key.
     pub fn new(active: Key) -> Self {
-        Self { active }
+        Self { active, next: None }
+    }
+
+    /// A pseudonymiser rotating from `active` to `next` at event time
+    /// `rotate_at_ms` (Unix milliseconds).
+    pub fn with_rotation(active: Key, next: Key, rotate_at_ms: i64) -> Self {
+        Self {
+            active,
+            next: Some((next, rotate_at_ms)),
+        }
     }
 
     /// The active key id.
@@ -146,7 +166,15 @@ impl Pseudonymizer {
         self.active.id()
     }
 
-    /// Token of a value.
+    /// The key for an event at `event_ms`.
+    pub fn key_at(&self, event_ms: i64) -> &Key {
+        match &self.next {
+            Some((k, at)) if event_ms >= *at => k,
+            _ => &self.active,
+        }
+    }
+
+    /// Token of a value (under the active key).
     pub fn token(&self, kind: Kind, value: &str) -> Token {
         self.active.token(kind, value)
     }
@@ -170,6 +198,25 @@ mod tests {
         assert_eq!(a.value.len(), 32);
         let other = Key::new("k2", &[8u8; 32]).unwrap();
         assert_ne!(a.value, other.token(Kind::Number, "+67077123456").value);
+    }
+
+    #[test]
+    fn rotation_follows_event_time() {
+        let k1 = key();
+        let k2 = Key::new("k2", &[8u8; 32]).unwrap();
+        let p = Pseudonymizer::with_rotation(k1.clone(), k2.clone(), 1_000);
+        assert_eq!(p.key_at(999).id(), "k1");
+        assert_eq!(p.key_at(1_000).id(), "k2");
+        // Two ingesters with the same schedule agree on every event time.
+        let q = Pseudonymizer::with_rotation(k1, k2, 1_000);
+        for t in [0, 999, 1_000, 5_000] {
+            assert_eq!(
+                p.key_at(t).token(Kind::Customer, "kvk:1"),
+                q.key_at(t).token(Kind::Customer, "kvk:1")
+            );
+        }
+        let dbg = format!("{p:?}");
+        assert!(!dbg.contains("[8, 8"), "{dbg}");
     }
 
     #[test]

@@ -56,6 +56,76 @@ pub struct PseudonymizationConfig {
     /// National digits kept in the clear range prefix.
     #[serde(default = "default_range_digits")]
     pub range_digits: usize,
+    /// Key rotation: id of the next key.
+    #[serde(default)]
+    pub next_key_id: Option<String>,
+    /// Key rotation: file holding the next key.
+    #[serde(default)]
+    pub next_key_file: Option<PathBuf>,
+    /// Key rotation: the next key itself (e.g. from
+    /// `TOLLGUARD__PSEUDONYMIZATION__NEXT_KEY`); never logged.
+    #[serde(default)]
+    pub next_key: Option<String>,
+    /// Key rotation: RFC 3339 **event time** from which events are
+    /// pseudonymised with the next key (the same at every ingester).
+    #[serde(default)]
+    pub rotate_at: Option<String>,
+}
+
+impl PseudonymizationConfig {
+    /// The rotation instant (Unix ms), if a rotation is configured;
+    /// validates the rotation keys.
+    pub fn rotation(&self) -> Result<Option<i64>, ConfigError> {
+        let any = self.next_key_id.is_some()
+            || self.next_key_file.is_some()
+            || self.next_key.is_some()
+            || self.rotate_at.is_some();
+        if !any {
+            return Ok(None);
+        }
+        let id = self.next_key_id.as_deref().unwrap_or_default();
+        if id.is_empty() {
+            return Err(ConfigError::new(
+                "pseudonymization.next_key_id",
+                "is required with a key rotation (next_key_file/next_key, rotate_at)",
+            ));
+        }
+        if id == self.key_id {
+            return Err(ConfigError::new(
+                "pseudonymization.next_key_id",
+                "must differ from key_id (a new key gets a new id)",
+            ));
+        }
+        match (&self.next_key_file, &self.next_key) {
+            (None, None) => {
+                return Err(ConfigError::new(
+                    "pseudonymization.next_key_file",
+                    "is required with next_key_id (or next_key)",
+                ));
+            }
+            (Some(_), Some(_)) => {
+                return Err(ConfigError::new(
+                    "pseudonymization.next_key",
+                    "give either next_key_file or next_key, not both",
+                ));
+            }
+            _ => {}
+        }
+        let at = self.rotate_at.as_deref().ok_or_else(|| {
+            ConfigError::new(
+                "pseudonymization.rotate_at",
+                "is required with next_key_id: the RFC 3339 event time from which the next key applies",
+            )
+        })?;
+        chrono::DateTime::parse_from_rfc3339(at.trim())
+            .map(|t| Some(t.timestamp_millis()))
+            .map_err(|e| {
+                ConfigError::new(
+                    "pseudonymization.rotate_at",
+                    format!("{at:?} is not an RFC 3339 time: {e}"),
+                )
+            })
+    }
 }
 
 fn default_range_digits() -> usize {
@@ -182,6 +252,7 @@ impl IngesterConfig {
             }
             _ => {}
         }
+        self.pseudonymization.rotation()?;
         if !(1..=6).contains(&self.pseudonymization.range_digits) {
             return Err(ConfigError::new(
                 "pseudonymization.range_digits",

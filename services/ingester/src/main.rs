@@ -47,6 +47,26 @@ fn build(cfg: &IngesterConfig) -> Result<(Ingestor, GrpcSecurity), ConfigError> 
         (None, None) => unreachable!("validated"),
     };
     let key = Key::from_text(&p.key_id, &secret)?;
+    let pseudo = match p.rotation()? {
+        None => Pseudonymizer::new(key),
+        Some(at) => {
+            let next_secret = match (&p.next_key_file, &p.next_key) {
+                (Some(f), _) => read_secret("pseudonymization.next_key_file", f)?,
+                (None, Some(k)) => k.clone(),
+                (None, None) => unreachable!("validated"),
+            };
+            let next_id = p.next_key_id.as_deref().unwrap_or_default();
+            let next = Key::from_text(next_id, &next_secret).map_err(|e| {
+                ConfigError::new(
+                    e.key
+                        .replace("pseudonymization.key", "pseudonymization.next_key"),
+                    e.reason,
+                )
+            })?;
+            tracing::info!(key_id = %p.key_id, next_key_id = %next_id, rotate_at = %p.rotate_at.as_deref().unwrap_or_default(), "pseudonymisation key rotation scheduled by event time");
+            Pseudonymizer::with_rotation(key, next, at)
+        }
+    };
     let mut refdata = ReferenceData::default();
     if let Some(f) = &cfg.reference.risk_table {
         refdata.risk =
@@ -60,7 +80,7 @@ fn build(cfg: &IngesterConfig) -> Result<(Ingestor, GrpcSecurity), ConfigError> 
         &cfg.provider_id,
         cfg.dial_plan.clone(),
         p.range_digits,
-        Pseudonymizer::new(key),
+        pseudo,
         Arc::new(refdata),
     )?;
     Ok((ingestor, security))
