@@ -887,7 +887,7 @@ fn the_notifier_serves_the_alerts_api_over_mtls_with_state_in_redis() {
         })
         .expect("an ingress rule for the Alerts API");
     assert_eq!(
-        s(&seq(grpc_rule.get("from"))[0], &["ipBlock", "cidr"]),
+        s(seq(grpc_rule.get("from"))[0], &["ipBlock", "cidr"]),
         Some("10.20.0.0/16")
     );
     assert!(
