@@ -339,6 +339,13 @@ async fn redis_used_memory(c: &mut redis::aio::MultiplexedConnection) -> Option<
         .and_then(|v| v.trim().parse().ok())
 }
 
+async fn redis_pid(c: &mut redis::aio::MultiplexedConnection) -> Option<u32> {
+    let info: String = redis::cmd("INFO").arg("server").query_async(c).await.ok()?;
+    info.lines()
+        .find_map(|l| l.strip_prefix("process_id:"))
+        .and_then(|v| v.trim().parse().ok())
+}
+
 /// An alert seen on the alerts topic: (carrier, trigger batch, when, rule).
 type SeenAlert = (usize, Option<u64>, Instant, String);
 
@@ -668,6 +675,22 @@ impl Run<'_> {
                 ..Default::default()
             })
             .collect();
+        // The shared infrastructure and the load generator itself, for the
+        // CPU account (not TollGuard services: no RSS target applies).
+        let mut infra = vec![("loadgen (this process)".to_string(), std::process::id())];
+        if let Some(pid) = redis_pid(&mut rconn).await {
+            infra.push(("redis-server (shared)".into(), pid));
+        }
+        if let Some(pid) = stack::find_process("kafka.Kafka") {
+            infra.push(("kafka broker (shared)".into(), pid));
+        }
+        usage.extend(infra.into_iter().map(|(name, pid)| ServiceUsage {
+            name,
+            pid,
+            infrastructure: true,
+            cpu_start_s: stack::cpu_seconds(pid).unwrap_or(0.0),
+            ..Default::default()
+        }));
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_line = (Instant::now(), 0u64, correlated0);
@@ -714,7 +737,11 @@ impl Run<'_> {
                     correlated: (correlated - correlated0).max(0.0) as u64,
                     lag,
                     redis_used_bytes: mem,
-                    rss_bytes: usage.iter().map(|u| u.rss_end_bytes).collect(),
+                    rss_bytes: usage
+                        .iter()
+                        .filter(|u| !u.infrastructure)
+                        .map(|u| u.rss_end_bytes)
+                        .collect(),
                 });
                 if whole.is_multiple_of(args.progress) {
                     let dt = last_line.0.elapsed().as_secs_f64().max(1e-3);
@@ -723,6 +750,7 @@ impl Run<'_> {
                     last_line = (Instant::now(), accepted, correlated);
                     let rss: Vec<String> = usage
                         .iter()
+                        .filter(|u| !u.infrastructure)
                         .map(|u| format!("{}={}", u.name, u.rss_end_bytes >> 20))
                         .collect();
                     eprintln!(
