@@ -12,6 +12,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "tollguard/v1/alert.proto",
         "tollguard/v1/alerts.proto",
         "tollguard/v1/delivery.proto",
+        "tollguard/v1/admin.proto",
     ];
     tonic_prost_build::configure()
         .file_descriptor_set_path(out.join("tollguard_descriptor.bin"))

@@ -11,6 +11,7 @@
 
 pub mod config;
 pub mod metrics;
+pub mod overlay;
 
 use std::sync::Arc;
 use std::time::Duration;

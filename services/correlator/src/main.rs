@@ -98,7 +98,12 @@ async fn run(cfg: CorrelatorConfig, det: Detector) -> anyhow::Result<()> {
     );
     // Connect to Redis, retrying until it answers or we are told to stop.
     let store: Arc<dyn WindowStore> = loop {
-        match RedisStore::connect(&cfg.redis.url, &cfg.redis.key_prefix).await {
+        let connected = if cfg.redis.cluster_nodes.is_empty() {
+            RedisStore::connect(&cfg.redis.url, &cfg.redis.key_prefix).await
+        } else {
+            RedisStore::connect_cluster(&cfg.redis.cluster_nodes, &cfg.redis.key_prefix).await
+        };
+        match connected {
             Ok(s) => break Arc::new(s),
             Err(e) => {
                 health.set("redis", Some(e.to_string()));
@@ -127,6 +132,10 @@ async fn run(cfg: CorrelatorConfig, det: Detector) -> anyhow::Result<()> {
     };
     let sub = tollguard_core::bus::EventBus::subscribe(&*bus, &[topics.calls.as_str()], &cfg.group)
         .await?;
+    let mut layered = tollguard_correlator::overlay::Layered::new(
+        det.policies().clone(),
+        det.default_policy().clone(),
+    );
     let engine = Engine::new(store.clone(), det);
     let mut worker = Worker::new(engine, bus.clone(), sub, topics, Some(metrics));
     worker.expect_carriers(cfg.expected_providers.clone());
@@ -145,6 +154,14 @@ async fn run(cfg: CorrelatorConfig, det: Detector) -> anyhow::Result<()> {
                     .set_hot_list(HotList::new(m)),
                 Err(e) => tracing::warn!(error = %e, "hot list refresh failed"),
             }
+            // The operator's policies (Admin API) over the file's.
+            match layered.refresh(&*store).await {
+                Ok(Some(p)) => worker.engine_mut().detector_mut().set_policies(p),
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "policy overlay not applied; keeping the policies in force")
+                }
+            }
             last_hot = Instant::now();
         }
         let step = tokio::select! {
@@ -152,7 +169,9 @@ async fn run(cfg: CorrelatorConfig, det: Detector) -> anyhow::Result<()> {
             _ = hup.recv() => {
                 // Reload rules and policies; on any error keep the running ones.
                 match detector(&cfg) {
-                    Ok(d) => {
+                    Ok(mut d) => {
+                        let p = layered.set_file(d.policies().clone(), d.default_policy().clone());
+                        d.set_policies(p);
                         worker.engine_mut().set_detector(d);
                         tracing::info!("rules and policies reloaded (SIGHUP)");
                     }

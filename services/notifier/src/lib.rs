@@ -20,6 +20,7 @@
 //! the core's `EventBus`/`WindowStore` traits, except [`kafka_log`], the
 //! assignment-based reader `Watch` needs.
 
+pub mod admin;
 pub mod api;
 pub mod chain;
 pub mod config;

@@ -290,6 +290,7 @@ async fn run(l: Loaded) -> anyhow::Result<()> {
                     Auth::new(&cfg.api.tokens)
                 }
             };
+            let admin = tollguard_notifier::admin::AdminService::new(auth.clone(), store.clone());
             let svc = AlertsService::new(
                 auth,
                 incidents.clone(),
@@ -317,6 +318,7 @@ async fn run(l: Loaded) -> anyhow::Result<()> {
                     .add_service(health_svc)
                     .add_service(reflection)
                     .add_service(svc.into_server())
+                    .add_service(admin.into_server())
                     .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
                         api_stop2.cancelled().await
                     })

@@ -741,6 +741,23 @@ pub struct PolicyFile {
     pub policy: Vec<PolicyEntry>,
 }
 
+/// The operator's run-time policies (set through the `Admin` gRPC API),
+/// kept as one JSON state value in the shared store's global scope under
+/// [`POLICY_OVERLAY`]; entries carry `customer_token`. They replace the
+/// policies file's entry for the same customer.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyOverlay {
+    /// Incremented by every change.
+    pub revision: u64,
+    /// Entries, sorted by token.
+    #[serde(default)]
+    pub policy: Vec<PolicyEntry>,
+}
+
+/// State name of the [`PolicyOverlay`] in the global scope.
+pub const POLICY_OVERLAY: &str = "policy-overlay";
+
 /// Business hours of a customer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BusinessHours {
@@ -865,6 +882,14 @@ pub struct Policies {
 }
 
 impl Policies {
+    /// These policies with `over`'s entries replacing any for the same
+    /// customer.
+    pub fn merged(&self, over: &Policies) -> Policies {
+        let mut by_token = self.by_token.clone();
+        by_token.extend(over.by_token.iter().map(|(k, v)| (k.clone(), v.clone())));
+        Policies { by_token }
+    }
+
     /// Parses `policies.toml`; ids are pseudonymised with `key`.
     pub fn parse(
         file: &str,

@@ -304,7 +304,12 @@ impl Detector {
         self.hot = other.hot.clone();
     }
 
-    /// Replaces the policies (SIGHUP reload).
+    /// The policies in force.
+    pub fn policies(&self) -> &Policies {
+        &self.policies
+    }
+
+    /// Replaces the policies (SIGHUP reload, operator overlay).
     pub fn set_policies(&mut self, p: Policies) {
         self.policies = Arc::new(p);
     }
