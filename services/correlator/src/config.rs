@@ -38,6 +38,10 @@ pub struct RedisConfig {
     /// Prefix of every key.
     #[serde(default = "default_prefix")]
     pub key_prefix: String,
+    /// Redis Cluster seed nodes (`redis://host:port/` each). When set, the
+    /// window store runs on the cluster and `url` is not used.
+    #[serde(default)]
+    pub cluster_nodes: Vec<String>,
 }
 
 fn default_redis() -> String {
@@ -52,6 +56,7 @@ impl Default for RedisConfig {
         Self {
             url: default_redis(),
             key_prefix: default_prefix(),
+            cluster_nodes: Vec::new(),
         }
     }
 }
@@ -151,6 +156,14 @@ impl CorrelatorConfig {
                 "redis.url",
                 "must start with redis://, rediss:// or redis+unix://",
             ));
+        }
+        for (i, node) in self.redis.cluster_nodes.iter().enumerate() {
+            if !(node.starts_with("redis://") || node.starts_with("rediss://")) {
+                return Err(ConfigError::new(
+                    format!("redis.cluster_nodes[{i}]"),
+                    "must start with redis:// or rediss://",
+                ));
+            }
         }
         if self.redis.key_prefix.is_empty() || self.redis.key_prefix.contains(['{', '}']) {
             return Err(ConfigError::new(
