@@ -115,6 +115,14 @@ impl Stack {
     /// Ingesters for every carrier and the correlator; the caller starts
     /// the notifier it needs.
     pub async fn start_without_notifier(dir: &Path) -> Stack {
+        let mut s = Stack::start_ingesters(dir).await;
+        s.start_correlator(1).await;
+        s
+    }
+
+    /// Ingesters for every carrier only; the caller starts the
+    /// correlator(s) it needs ([`Stack::spawn_correlator`]).
+    pub async fn start_ingesters(dir: &Path) -> Stack {
         let key = key_file(dir);
         let policies = dir.join("policies.toml");
         std::fs::write(&policies, VICTIM_POLICY).unwrap();
@@ -132,41 +140,94 @@ impl Stack {
             correlator_http: free_port(),
             notifier: None,
         };
-        for (provider, country) in CARRIERS {
-            let (grpc, http) = (free_port(), free_port());
-            let mut env = common_env(dir);
-            env.extend([
-                ("TOLLGUARD__PROVIDER_ID".into(), provider.into()),
-                ("TOLLGUARD__DIAL_PLAN__HOME_COUNTRY".into(), country.into()),
-                (
-                    "TOLLGUARD__LISTEN__GRPC".into(),
-                    format!("127.0.0.1:{grpc}"),
-                ),
-                (
-                    "TOLLGUARD__LISTEN__HTTP".into(),
-                    format!("127.0.0.1:{http}"),
-                ),
-                ("TOLLGUARD__PSEUDONYMIZATION__KEY_ID".into(), "k1".into()),
-                (
-                    "TOLLGUARD__PSEUDONYMIZATION__KEY_FILE".into(),
-                    s.key.display().to_string(),
-                ),
-                ("TOLLGUARD__TOPIC".into(), s.calls.clone()),
-                // plaintext development mode (mTLS: tests/security_*.rs)
-                ("TOLLGUARD__TLS__ENABLED".into(), "false".into()),
-            ]);
-            let p = Proc::spawn(
-                dir,
-                &format!("ingester-{provider}"),
-                &bin("tollguard-ingester"),
-                &[],
-                &env,
-            );
-            wait_ready(&p, http, Duration::from_secs(60)).await;
+        for (provider, _) in CARRIERS {
+            let grpc = free_port();
+            let p = s
+                .spawn_ingester(&format!("ingester-{provider}"), provider, grpc, free_port())
+                .await;
             s.ingesters.push((provider.to_string(), grpc, p));
         }
-        s.start_correlator(1).await;
         s
+    }
+
+    /// The environment of an ingester for `provider` on the given ports.
+    pub fn ingester_env(&self, provider: &str, grpc: u16, http: u16) -> Vec<(String, String)> {
+        let country = CARRIERS
+            .iter()
+            .find(|(p, _)| *p == provider)
+            .map_or("NL", |(_, c)| *c);
+        let mut env = common_env(&self.dir);
+        env.extend([
+            ("TOLLGUARD__PROVIDER_ID".into(), provider.into()),
+            ("TOLLGUARD__DIAL_PLAN__HOME_COUNTRY".into(), country.into()),
+            (
+                "TOLLGUARD__LISTEN__GRPC".into(),
+                format!("127.0.0.1:{grpc}"),
+            ),
+            (
+                "TOLLGUARD__LISTEN__HTTP".into(),
+                format!("127.0.0.1:{http}"),
+            ),
+            ("TOLLGUARD__PSEUDONYMIZATION__KEY_ID".into(), "k1".into()),
+            (
+                "TOLLGUARD__PSEUDONYMIZATION__KEY_FILE".into(),
+                self.key.display().to_string(),
+            ),
+            ("TOLLGUARD__TOPIC".into(), self.calls.clone()),
+            // plaintext development mode (mTLS: tests/security_*.rs)
+            ("TOLLGUARD__TLS__ENABLED".into(), "false".into()),
+        ]);
+        env
+    }
+
+    /// Starts an ingester for `provider` (another one, or a restart on the
+    /// same ports) logging to `<name>.log`, and waits until it is ready.
+    pub async fn spawn_ingester(&self, name: &str, provider: &str, grpc: u16, http: u16) -> Proc {
+        let p = Proc::spawn(
+            &self.dir,
+            name,
+            &bin("tollguard-ingester"),
+            &[],
+            &self.ingester_env(provider, grpc, http),
+        );
+        wait_ready(&p, http, Duration::from_secs(60)).await;
+        p
+    }
+
+    /// Starts another correlator of the stack's group, its health on `http`,
+    /// with `extra` environment overrides (e.g. a Redis Cluster), and waits
+    /// until it is ready. The stack does not own it.
+    pub async fn spawn_correlator(
+        &self,
+        name: &str,
+        http: u16,
+        extra: &[(String, String)],
+    ) -> Proc {
+        let mut env = self.correlator_env();
+        env.retain(|(k, _)| k != "TOLLGUARD__LISTEN__HTTP");
+        env.push((
+            "TOLLGUARD__LISTEN__HTTP".into(),
+            format!("127.0.0.1:{http}"),
+        ));
+        env.extend(extra.iter().cloned());
+        let p = Proc::spawn(&self.dir, name, &bin("tollguard-correlator"), &[], &env);
+        wait_ready(&p, http, Duration::from_secs(60)).await;
+        p
+    }
+
+    /// Waits until the correlator group has committed every record of the
+    /// calls topic.
+    pub async fn wait_group_caught_up(&self, within: Duration) {
+        let (g, c) = (self.group.clone(), self.calls.clone());
+        wait_for(
+            "the correlator group to commit every record",
+            within,
+            || {
+                let (g, c) = (g.clone(), c.clone());
+                async move { (group_lag(&g, &c) == Some(0)).then_some(()) }
+            },
+        )
+        .await;
     }
 
     /// Sends each carrier's file with `tollguard send`, all in parallel.
@@ -354,4 +415,207 @@ pub fn assert_no_duplicate_versions(alerts: &[pb::Alert]) {
         }
         seen.insert((a.incident_id.clone(), a.version), norm);
     }
+}
+
+// ---------------------------------------------------------------------------
+// History checking for the fault tests: what a carrier's client was told
+// (acknowledged event ids), what Kafka holds, and the verdict.
+
+/// What one client was told while sending a carrier's file.
+#[derive(Debug, Default, Clone)]
+pub struct SendHistory {
+    /// The carrier.
+    pub provider: String,
+    /// Event ids acknowledged as accepted.
+    pub acked: BTreeSet<String>,
+    /// Event ids of batches acknowledged only after a failed attempt: the
+    /// failed attempt may have reached Kafka, so these may be there twice
+    /// (the correlator drops the copy by event id).
+    pub retried: BTreeSet<String>,
+    /// Failed attempts by gRPC code (`Unavailable`, `ResourceExhausted`…).
+    pub failures: BTreeMap<String, u64>,
+    /// Acknowledged batches.
+    pub batches: u64,
+    /// Longest time from a failed attempt to the next acknowledgement.
+    pub longest_outage: Duration,
+}
+
+impl SendHistory {
+    /// Failed attempts in all.
+    pub fn failed_attempts(&self) -> u64 {
+        self.failures.values().sum()
+    }
+}
+
+/// Sends `provider`'s `file` to the ingester at `addr` with `PublishBatch`
+/// in batches of `batch`, pausing `pause` after each acknowledgement, and
+/// resending a batch (after reconnecting) until it is acknowledged or
+/// `within` passes — a carrier's client behaving as the contract asks.
+/// `progress` counts acknowledged records as they come.
+pub async fn send_tracked(
+    addr: String,
+    provider: String,
+    file: PathBuf,
+    batch: usize,
+    pause: Duration,
+    within: Duration,
+    progress: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) -> SendHistory {
+    use std::sync::atomic::Ordering;
+    use std::time::Instant;
+    use tollguard_cli::input::RecordReader;
+    use tollguard_ingester::service::raw_to_proto;
+    use tollguard_proto::v1::ingest_client::IngestClient;
+
+    let deadline = Instant::now() + within;
+    let records: Vec<pb::CallRecord> = RecordReader::open(&file, Format::Auto, None)
+        .unwrap()
+        .map(|(line, r)| raw_to_proto(&r.unwrap_or_else(|e| panic!("{file:?}:{line}: {e}"))))
+        .collect();
+    let mut h = SendHistory {
+        provider: provider.clone(),
+        ..Default::default()
+    };
+    let mut client: Option<IngestClient<tonic::transport::Channel>> = None;
+    for (i, chunk) in records.chunks(batch).enumerate() {
+        let req = pb::PublishRequest {
+            batch_id: i as u64 + 1,
+            records: chunk.to_vec(),
+        };
+        let mut failed_since: Option<Instant> = None;
+        loop {
+            assert!(
+                Instant::now() < deadline,
+                "{provider}: batch {} not acknowledged within {within:?} ({h:?})",
+                i + 1
+            );
+            let c = match client.as_mut() {
+                Some(c) => c,
+                None => match tonic::transport::Endpoint::from_shared(addr.clone())
+                    .unwrap()
+                    .connect_timeout(Duration::from_secs(2))
+                    .connect()
+                    .await
+                {
+                    Ok(ch) => client.insert(IngestClient::new(ch)),
+                    Err(_) => {
+                        *h.failures.entry("connect".into()).or_default() += 1;
+                        failed_since.get_or_insert_with(Instant::now);
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        continue;
+                    }
+                },
+            };
+            let mut r = tonic::Request::new(req.clone());
+            r.set_timeout(Duration::from_secs(10));
+            match c.publish_batch(r).await {
+                Ok(ack) => {
+                    let ack = ack.into_inner();
+                    assert_eq!(
+                        (ack.accepted as usize, ack.rejected),
+                        (chunk.len(), 0),
+                        "{provider}: batch {} partly rejected: {:?}",
+                        i + 1,
+                        ack.errors
+                    );
+                    for r in chunk {
+                        h.acked.insert(r.event_id.clone());
+                        if failed_since.is_some() {
+                            h.retried.insert(r.event_id.clone());
+                        }
+                    }
+                    if let Some(t) = failed_since {
+                        h.longest_outage = h.longest_outage.max(t.elapsed());
+                    }
+                    h.batches += 1;
+                    progress.fetch_add(chunk.len(), Ordering::SeqCst);
+                    break;
+                }
+                Err(st) => {
+                    *h.failures.entry(format!("{:?}", st.code())).or_default() += 1;
+                    failed_since.get_or_insert_with(Instant::now);
+                    let wait = st
+                        .metadata()
+                        .get("retry-after-ms")
+                        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+                        .unwrap_or(200)
+                        .min(2_000);
+                    if !matches!(st.code(), tonic::Code::ResourceExhausted) {
+                        client = None; // reconnect: the ingester may be gone
+                    }
+                    tokio::time::sleep(Duration::from_millis(wait)).await;
+                }
+            }
+        }
+        if !pause.is_zero() {
+            tokio::time::sleep(pause).await;
+        }
+    }
+    h
+}
+
+/// Copies of each (provider, event id) on the calls topic `topic`.
+pub async fn events_in_kafka(topic: &str) -> BTreeMap<(String, String), usize> {
+    let mut m = BTreeMap::new();
+    for r in consume_all(&kafka(), topic, Duration::from_secs(30))
+        .await
+        .unwrap()
+    {
+        let Ok(e) = pb::CallEvent::decode(r.payload.as_slice()) else {
+            continue; // a test's poison record
+        };
+        *m.entry((e.provider_id, e.event_id)).or_default() += 1;
+    }
+    m
+}
+
+/// The verdict of comparing what clients were told with what Kafka holds.
+#[derive(Debug, Default)]
+pub struct IngestVerdict {
+    /// Events acknowledged to the clients.
+    pub acknowledged: usize,
+    /// Distinct events in Kafka.
+    pub in_kafka: usize,
+    /// Acknowledged but not in Kafka (must be none).
+    pub lost: Vec<(String, String)>,
+    /// In Kafka more than once (at-least-once redelivery of a batch whose
+    /// acknowledgement the client never got).
+    pub duplicated: usize,
+    /// Duplicates of events whose batch was acknowledged at the first
+    /// attempt: the system itself published twice (must be none).
+    pub unexplained_duplicates: Vec<(String, String)>,
+    /// In Kafka but never acknowledged (a batch refused after it was
+    /// partly written; must be none when every batch ends acknowledged).
+    pub unacknowledged: usize,
+}
+
+/// Compares the histories of all clients with the calls topic's content.
+pub fn check_ingest(
+    histories: &[SendHistory],
+    kafka: &BTreeMap<(String, String), usize>,
+) -> IngestVerdict {
+    let mut v = IngestVerdict {
+        in_kafka: kafka.len(),
+        ..Default::default()
+    };
+    let mut acked = BTreeSet::new();
+    for h in histories {
+        for id in &h.acked {
+            let k = (h.provider.clone(), id.clone());
+            v.acknowledged += 1;
+            match kafka.get(&k) {
+                None => v.lost.push(k.clone()),
+                Some(1) => {}
+                Some(_) => {
+                    v.duplicated += 1;
+                    if !h.retried.contains(id) {
+                        v.unexplained_duplicates.push(k.clone());
+                    }
+                }
+            }
+            acked.insert(k);
+        }
+    }
+    v.unacknowledged = kafka.keys().filter(|k| !acked.contains(*k)).count();
+    v
 }

@@ -16,6 +16,8 @@ integration tests need, all on 127.0.0.1:
   * Apache Kafka  - one KRaft node (broker+controller), jars from Maven Central
   * Redis         - Debian's redis-server, our own instance (not the system one)
   * SMTP sink     - deploy/local/smtp_sink.py (aiosmtpd), one .eml file per message
+  * Redis Cluster - three more redis-server nodes in cluster mode (three
+                    primaries, no replicas) for the scale-out tests
 
 Commands:
   install        download/install whatever is missing (no-op when cached)
@@ -27,6 +29,8 @@ Commands:
   stop-kafka     stop only the broker, keeping its port and data
   start-kafka    start only the broker, on the same port with the same data
   restart-kafka  stop-kafka then start-kafka
+  cluster        start only the three-node Redis Cluster (also part of start)
+  stop-cluster   stop only the Redis Cluster (its data is not persisted)
   -h, --help     this text
 
 Environment:
@@ -38,8 +42,9 @@ Environment:
   JAVA_HOME             Java 17+ to run Kafka with (default: java on PATH)
 
 The env file ($TOLLGUARD_STATE/env) exports TOLLGUARD_KAFKA_BOOTSTRAP,
-TOLLGUARD_REDIS_URL, TOLLGUARD_SMTP_ADDR, TOLLGUARD_SMTP_MAILDIR and
-TOLLGUARD_KAFKA_HOME.  Progress goes to stderr, prefixed [services].
+TOLLGUARD_REDIS_URL, TOLLGUARD_SMTP_ADDR, TOLLGUARD_SMTP_MAILDIR,
+TOLLGUARD_KAFKA_HOME and, when the cluster runs, TOLLGUARD_REDIS_CLUSTER_URLS
+(the three nodes' redis:// URLs separated by commas).  Progress goes to stderr, prefixed [services].
 EOF
 }
 
@@ -68,6 +73,8 @@ KAFKA_HEAP="${TOLLGUARD_KAFKA_HEAP:--Xmx512m -Xms256m}"
 
 KSTATE="$STATE/kafka"
 RSTATE="$STATE/redis"
+CSTATE="$STATE/redis-cluster"
+CLUSTER_NODES=3
 SSTATE="$STATE/smtp"
 MAILDIR="$STATE/mail"
 ENV_FILE="$STATE/env"
@@ -604,6 +611,125 @@ redis_status() {
 }
 
 # ----------------------------------------------------------------------------
+# Redis Cluster: three primaries (no replicas) of the same redis-server, each
+# in $CSTATE/node<i> with its client port and its cluster-bus port saved in
+# $CSTATE/ports ("<port> <bus port>" per line). Nothing is persisted: a node
+# that died loses its keys, so a partly dead cluster is torn down and created
+# afresh rather than rejoined.
+
+cluster_ports() { [[ -s $CSTATE/ports ]] && cut -d' ' -f1 "$CSTATE/ports"; }
+
+cluster_node_running() { pid_alive "$CSTATE/node$1/redis.pid" "redis-server"; }
+
+# True when every node runs, answers PONG and reports cluster_state:ok.
+cluster_healthy() {
+  local i=0 port
+  [[ -s $CSTATE/ports ]] || return 1
+  for port in $(cluster_ports); do
+    i=$((i + 1))
+    cluster_node_running "$i" || return 1
+    [[ $(timeout 5 redis-cli -h 127.0.0.1 -p "$port" cluster info 2>/dev/null | tr -d '\r' |
+      sed -n 's/^cluster_state://p') == ok ]] || return 1
+  done
+  ((i == CLUSTER_NODES))
+}
+
+stop_cluster() {
+  local i
+  for ((i = 1; i <= CLUSTER_NODES; i++)); do
+    if [[ -e $CSTATE/node$i/redis.pid ]]; then
+      stop_pidfile "redis-cluster node $i" "$CSTATE/node$i/redis.pid" "redis-server" 15
+    fi
+  done
+  rm -rf "${CSTATE:?}"/node*
+}
+
+start_cluster() {
+  install_redis
+  mkdir -p "$CSTATE"
+  if cluster_healthy; then
+    log "redis-cluster: already running (127.0.0.1:$(cluster_ports | paste -sd, | sed 's/,/, 127.0.0.1:/g'))"
+    return 0
+  fi
+  # Some node is down or the cluster never formed: start from scratch.
+  stop_cluster
+  local -a saved=() ports=() buses=()
+  local i p b line
+  if [[ -s $CSTATE/ports ]]; then mapfile -t saved <"$CSTATE/ports"; fi
+  for ((i = 0; i < CLUSTER_NODES; i++)); do
+    line=${saved[i]:-}
+    p=${line%% *} b=${line##* }
+    if [[ -n $line ]] && port_free "$p" && port_free "$b"; then
+      ports+=("$p") buses+=("$b")
+    else
+      ports=() buses=()
+      break
+    fi
+  done
+  if ((${#ports[@]} != CLUSTER_NODES)); then
+    read -r -a ports <<<"$(free_ports $((2 * CLUSTER_NODES)))"
+    buses=("${ports[@]:CLUSTER_NODES}")
+    ports=("${ports[@]:0:CLUSTER_NODES}")
+  fi
+  : >"$CSTATE/ports.tmp"
+  for ((i = 0; i < CLUSTER_NODES; i++)); do
+    echo "${ports[i]} ${buses[i]}" >>"$CSTATE/ports.tmp"
+  done
+  mv "$CSTATE/ports.tmp" "$CSTATE/ports"
+  local dir
+  for ((i = 0; i < CLUSTER_NODES; i++)); do
+    dir="$CSTATE/node$((i + 1))"
+    mkdir -p "$dir"
+    log "redis-cluster: starting node $((i + 1)) on 127.0.0.1:${ports[i]} (bus ${buses[i]})"
+    redis-server --port "${ports[i]}" --bind 127.0.0.1 --save '' --appendonly no \
+      --cluster-enabled yes --cluster-port "${buses[i]}" --cluster-config-file "$dir/nodes.conf" \
+      --cluster-node-timeout 5000 --daemonize yes --dir "$dir" --pidfile "$dir/redis.pid" \
+      --logfile "$dir/redis.log" </dev/null >/dev/null 2>&1 9>&- ||
+      die "redis-cluster: node $((i + 1)) failed to start (see $dir/redis.log)"
+  done
+  local deadline=$((SECONDS + 20))
+  for ((i = 0; i < CLUSTER_NODES; i++)); do
+    until cluster_node_running $((i + 1)) && redis_ping "${ports[i]}"; do
+      if ((SECONDS >= deadline)); then
+        tail -n 20 "$CSTATE/node$((i + 1))/redis.log" >&2 || true
+        die "redis-cluster: node $((i + 1)) gives no PONG on 127.0.0.1:${ports[i]} after 20s"
+      fi
+      sleep 0.2
+    done
+  done
+  local -a addrs=()
+  for p in "${ports[@]}"; do addrs+=("127.0.0.1:$p"); done
+  if ! timeout 60 redis-cli --cluster create "${addrs[@]}" --cluster-replicas 0 --cluster-yes \
+    </dev/null >"$CSTATE/create.log" 2>&1 9>&-; then
+    cat "$CSTATE/create.log" >&2
+    die "redis-cluster: redis-cli --cluster create failed"
+  fi
+  deadline=$((SECONDS + 30))
+  until cluster_healthy; do
+    ((SECONDS < deadline)) || die "redis-cluster: cluster_state not ok on every node after 30s"
+    sleep 0.3
+  done
+  log "redis-cluster: ready on ${addrs[*]}"
+}
+
+cluster_status() {
+  if [[ ! -s $CSTATE/ports ]] || ! cluster_node_running 1; then
+    echo "redis-cluster: DOWN"
+    return 1
+  fi
+  if cluster_healthy; then
+    echo "redis-cluster: running (127.0.0.1:$(cluster_ports | paste -sd ' ' | sed 's/ /, 127.0.0.1:/g'), cluster_state:ok)"
+  else
+    echo "redis-cluster: UNHEALTHY (a node is down or cluster_state is not ok)"
+    return 1
+  fi
+}
+
+cluster_urls() {
+  cluster_ports | sed 's|.*|redis://127.0.0.1:&/|' | paste -sd,
+}
+
+# ----------------------------------------------------------------------------
 # SMTP sink (aiosmtpd)
 
 # Command prefix that runs a python able to import aiosmtpd (empty if none yet).
@@ -717,6 +843,9 @@ write_env() {
     printf 'export TOLLGUARD_SMTP_ADDR=%q\n' "127.0.0.1:$sport"
     printf 'export TOLLGUARD_SMTP_MAILDIR=%q\n' "$MAILDIR"
     printf 'export TOLLGUARD_KAFKA_HOME=%q\n' "$KAFKA_HOME"
+    if cluster_healthy; then
+      printf 'export TOLLGUARD_REDIS_CLUSTER_URLS=%q\n' "$(cluster_urls)"
+    fi
   } >"$ENV_FILE.tmp"
   mv "$ENV_FILE.tmp" "$ENV_FILE"
 }
@@ -740,6 +869,7 @@ cmd_start() {
   t0=$(now_ms)
   # Redis and SMTP first: they are quick, the broker is the slow one.
   start_redis
+  start_cluster
   start_smtp
   start_kafka any
   write_env
@@ -752,6 +882,7 @@ cmd_stop() {
   rm -rf "$KSTATE/data" "$KSTATE/server.properties"
   stop_pidfile smtp "$SSTATE/smtp.pid" "smtp_sink.py" 10
   stop_pidfile redis "$RSTATE/redis.pid" "redis-server" 15
+  stop_cluster
   rm -f "$ENV_FILE" # its ports are dead now; `start` writes a new one
 }
 
@@ -760,8 +891,14 @@ cmd_status() {
   kafka_status || rc=1
   redis_status || rc=1
   smtp_status || rc=1
+  cluster_status || rc=1
   if [[ -f $ENV_FILE ]]; then echo "env file: $ENV_FILE"; fi
   return "$rc"
+}
+
+# Rewrites the env file when the single-node services have ports saved.
+refresh_env() {
+  if [[ -s $RSTATE/port && -s $SSTATE/port ]] && kafka_ports >/dev/null; then write_env; fi
 }
 
 cmd_start_kafka() {
@@ -783,7 +920,7 @@ main() {
   esac
   [[ $# -eq 1 ]] || die "too many arguments (see --help)"
   case $cmd in
-    install | start | stop | status | env | stop-kafka | start-kafka | restart-kafka) ;;
+    install | start | stop | status | env | stop-kafka | start-kafka | restart-kafka | cluster | stop-cluster) ;;
     *) die "unknown command '$cmd' (see --help)" ;;
   esac
   # status and env only read; everything else is serialised.
@@ -799,6 +936,14 @@ main() {
     restart-kafka)
       stop_kafka
       cmd_start_kafka
+      ;;
+    cluster)
+      start_cluster
+      refresh_env
+      ;;
+    stop-cluster)
+      stop_cluster
+      refresh_env
       ;;
   esac
 }

@@ -241,3 +241,80 @@ pub fn group_lag(group: &str, topic: &str) -> Option<i64> {
     }
     Some(lag)
 }
+
+/// The Redis Cluster's seed URLs (`TOLLGUARD_REDIS_CLUSTER_URLS`, comma
+/// separated, set by `deploy/local/services.sh start` or `cluster`).
+pub fn redis_cluster_urls() -> Vec<String> {
+    env("TOLLGUARD_REDIS_CLUSTER_URLS")
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
+/// The correlator's override that puts its window store on the Redis
+/// Cluster (`redis.cluster_nodes`).
+pub fn cluster_env() -> Vec<(String, String)> {
+    let nodes: Vec<String> = redis_cluster_urls()
+        .iter()
+        .map(|u| format!("\"{u}\""))
+        .collect();
+    vec![(
+        "TOLLGUARD__REDIS__CLUSTER_NODES".into(),
+        format!("[{}]", nodes.join(",")),
+    )]
+}
+
+/// A private `redis-server` of one test (not the shared one), on `port`
+/// with its data in `dir`: `aof` turns on the append-only file with
+/// `appendfsync always` (every write on disk before the reply). Killed on
+/// drop like any [`Proc`].
+pub fn private_redis(dir: &Path, name: &str, port: u16, aof: bool) -> Proc {
+    std::fs::create_dir_all(dir).expect("redis dir");
+    let port_s = port.to_string();
+    let dir_s = dir.display().to_string();
+    let mut args = vec![
+        "--port",
+        &port_s,
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+        "--dir",
+        &dir_s,
+    ];
+    if aof {
+        args.extend(["--appendonly", "yes", "--appendfsync", "always"]);
+    } else {
+        args.extend(["--appendonly", "no"]);
+    }
+    Proc::spawn(dir, name, Path::new("redis-server"), &args, &[])
+}
+
+/// Waits until the Redis on `port` answers `PING`.
+pub async fn wait_redis(port: u16, timeout: Duration) {
+    wait_for(
+        &format!("redis on 127.0.0.1:{port}"),
+        timeout,
+        || async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .ok()?;
+            s.write_all(b"PING\r\n").await.ok()?;
+            let mut buf = [0u8; 16];
+            let n = tokio::time::timeout(Duration::from_secs(2), s.read(&mut buf))
+                .await
+                .ok()?
+                .ok()?;
+            buf[..n].starts_with(b"+PONG").then_some(())
+        },
+    )
+    .await
+}
+
+/// `/readyz` status of a service on `port` (None when it does not answer).
+pub async fn ready_status(port: u16) -> Option<u16> {
+    http_get(port, "/readyz").await.map(|(s, _)| s)
+}

@@ -207,3 +207,35 @@ impl CorrelatorConfig {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with(vars: &[(&str, &str)]) -> Result<CorrelatorConfig, ConfigError> {
+        let cfg: CorrelatorConfig = tollguard_runtime::config::load_with_env(
+            None,
+            vars.iter().map(|(k, v)| (k.to_string(), v.to_string())),
+        )?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    #[test]
+    fn cluster_nodes_come_from_an_array_override_and_must_be_redis_urls() {
+        let cfg = with(&[(
+            "TOLLGUARD__REDIS__CLUSTER_NODES",
+            r#"["redis://127.0.0.1:7001/","redis://127.0.0.1:7002/"]"#,
+        )])
+        .unwrap();
+        assert_eq!(cfg.redis.cluster_nodes.len(), 2);
+        assert!(with(&[]).unwrap().redis.cluster_nodes.is_empty());
+        let e = with(&[(
+            "TOLLGUARD__REDIS__CLUSTER_NODES",
+            r#"["redis://127.0.0.1:7001/","127.0.0.1:7002"]"#,
+        )])
+        .unwrap_err();
+        assert_eq!(e.key, "redis.cluster_nodes[1]");
+        assert!(e.reason.contains("redis://"), "{}", e.reason);
+    }
+}
