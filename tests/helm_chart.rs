@@ -587,6 +587,9 @@ fn check_configs(what: &str, docs: &[Value]) -> usize {
     std::fs::write(tls_dir.join("tls.crt"), server.pem()).unwrap();
     std::fs::write(tls_dir.join("tls.key"), server_key.serialize_pem()).unwrap();
     std::fs::write(tls_dir.join("ca.crt"), ca_cert.pem()).unwrap();
+    // The Kafka CA mounted from kafka.tls.caSecret.
+    std::fs::create_dir_all(root.join("kafka-tls")).unwrap();
+    std::fs::write(root.join("kafka-tls/ca.crt"), ca_cert.pem()).unwrap();
     let relocate = |text: &str| text.replace("/etc/tollguard/", &format!("{}/", root.display()));
 
     // Rules and policies mounted into the correlator: the rendered

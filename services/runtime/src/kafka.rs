@@ -344,6 +344,7 @@ impl KafkaSettings {
                 return Err(ConfigError::new(extra_key(property), reason));
             }
         }
+        self.validate_security()?;
         // Let librdkafka vet names and values (no client is created).
         for config in [
             self.producer_config(),
@@ -351,6 +352,88 @@ impl KafkaSettings {
         ] {
             if let Err(e) = config.create_native_config() {
                 return Err(self.config_error(e));
+            }
+        }
+        Ok(())
+    }
+
+    /// Security properties in `extra` (see SECURITY.md): SASL needs a
+    /// mechanism TollGuard supports and both credentials; a password never
+    /// travels in clear (`PLAIN` only over TLS); TLS files must exist.
+    fn validate_security(&self) -> Result<(), ConfigError> {
+        let get = |p: &str| self.extra.get(p).map(|v| v.trim());
+        let protocol = get("security.protocol")
+            .unwrap_or("plaintext")
+            .to_ascii_uppercase();
+        let sasl = match protocol.as_str() {
+            "PLAINTEXT" | "SSL" => false,
+            "SASL_PLAINTEXT" | "SASL_SSL" => true,
+            other => {
+                return Err(ConfigError::new(
+                    extra_key("security.protocol"),
+                    format!("{other:?} is not one of PLAINTEXT, SSL, SASL_PLAINTEXT, SASL_SSL"),
+                ));
+            }
+        };
+        let tls = protocol.ends_with("SSL");
+        if sasl {
+            let mech = get("sasl.mechanism")
+                .or_else(|| get("sasl.mechanisms"))
+                .unwrap_or("")
+                .to_ascii_uppercase();
+            match mech.as_str() {
+                "SCRAM-SHA-256" | "SCRAM-SHA-512" => {}
+                "PLAIN" if tls => {}
+                "PLAIN" => {
+                    return Err(ConfigError::new(
+                        extra_key("sasl.mechanism"),
+                        "PLAIN over SASL_PLAINTEXT sends the password in clear; use SCRAM-SHA-512 or SASL_SSL",
+                    ));
+                }
+                "" => {
+                    return Err(ConfigError::new(
+                        extra_key("sasl.mechanism"),
+                        format!(
+                            "is required with security.protocol = {protocol} (SCRAM-SHA-512 recommended)"
+                        ),
+                    ));
+                }
+                other => {
+                    return Err(ConfigError::new(
+                        extra_key("sasl.mechanism"),
+                        format!(
+                            "{other:?} is not supported: use SCRAM-SHA-512, SCRAM-SHA-256 or PLAIN over SASL_SSL"
+                        ),
+                    ));
+                }
+            }
+            for p in ["sasl.username", "sasl.password"] {
+                if get(p).is_none_or(str::is_empty) {
+                    return Err(ConfigError::new(
+                        extra_key(p),
+                        format!("is required with security.protocol = {protocol}"),
+                    ));
+                }
+            }
+        }
+        for p in [
+            "ssl.ca.location",
+            "ssl.certificate.location",
+            "ssl.key.location",
+        ] {
+            if let Some(f) = get(p) {
+                if !tls {
+                    return Err(ConfigError::new(
+                        extra_key(p),
+                        format!("is set but security.protocol = {protocol} does not use TLS"),
+                    ));
+                }
+                if !std::path::Path::new(f).exists() {
+                    return Err(ConfigError::new(
+                        extra_key(p),
+                        format!("{f} does not exist"),
+                    ));
+                }
             }
         }
         Ok(())
@@ -1474,6 +1557,55 @@ mod tests {
         assert!(e.contains("zstd"), "{e}");
     }
 
+    #[test]
+    fn sasl_and_tls_settings_are_checked() {
+        let with = |props: &[(&str, &str)]| {
+            let mut s = KafkaSettings::default();
+            for (k, v) in props {
+                s.extra.insert(k.to_string(), v.to_string());
+            }
+            s.validate().map_err(|e| (e.key, e.reason))
+        };
+        let ca = std::env::temp_dir().join(format!("tg-ca-{}.pem", std::process::id()));
+        std::fs::write(&ca, "x").unwrap();
+        let ca = ca.display().to_string();
+        with(&[
+            ("security.protocol", "SASL_SSL"),
+            ("sasl.mechanism", "SCRAM-SHA-512"),
+            ("sasl.username", "tollguard-ingester-kpn"),
+            ("sasl.password", "hunter2"),
+            ("ssl.ca.location", &ca),
+        ])
+        .unwrap();
+        let e = with(&[
+            ("security.protocol", "SASL_SSL"),
+            ("sasl.mechanism", "SCRAM-SHA-512"),
+        ])
+        .unwrap_err();
+        assert_eq!(e.0, "kafka.extra.\"sasl.username\"", "{e:?}");
+        let e = with(&[
+            ("security.protocol", "SASL_PLAINTEXT"),
+            ("sasl.mechanism", "PLAIN"),
+            ("sasl.username", "u"),
+            ("sasl.password", "hunter2"),
+        ])
+        .unwrap_err();
+        assert!(e.1.contains("in clear"), "{e:?}");
+        assert!(!e.1.contains("hunter2"));
+        let e = with(&[("security.protocol", "SASL_SSL")]).unwrap_err();
+        assert!(e.0.contains("sasl.mechanism"), "{e:?}");
+        let e = with(&[
+            ("security.protocol", "SSL"),
+            ("ssl.ca.location", "/nonexistent/ca.pem"),
+        ])
+        .unwrap_err();
+        assert!(e.0.contains("ssl.ca.location"), "{e:?}");
+        let e = with(&[("ssl.ca.location", &ca)]).unwrap_err();
+        assert!(e.1.contains("does not use TLS"), "{e:?}");
+        let e = with(&[("security.protocol", "TLS")]).unwrap_err();
+        assert!(e.0.contains("security.protocol"), "{e:?}");
+    }
+
     fn invalid_key(f: impl FnOnce(&mut KafkaSettings)) -> String {
         let mut s = KafkaSettings::default();
         f(&mut s);
@@ -1561,6 +1693,10 @@ mod tests {
         let mut s = KafkaSettings::new("PLAINTEXT://[::1]:9092,broker.example:19092");
         s.extra
             .insert("security.protocol".into(), "SASL_SSL".into());
+        s.extra
+            .insert("sasl.mechanism".into(), "SCRAM-SHA-512".into());
+        s.extra.insert("sasl.username".into(), "u".into());
+        s.extra.insert("sasl.password".into(), "p".into());
         s.extra
             .insert("partitioner".into(), "consistent_random".into());
         s.validate().unwrap();
