@@ -8,6 +8,8 @@ use std::path::PathBuf;
 
 use serde::Serialize;
 use tollguard_core::codec::from_ts;
+use tollguard_core::money::format_amount;
+use tollguard_core::number::{DialPlan, Normalizer};
 use tollguard_core::pseudo::Kind;
 use tollguard_core::render::{rfc3339, rule_name, severity_name};
 use tollguard_core::sim::{self, Label, Scenario};
@@ -55,6 +57,64 @@ pub struct CampaignScore {
     pub first_critical_s: Option<i64>,
     /// Incidents opened about it.
     pub incidents: usize,
+    /// Estimated cost of the campaign's calls up to its first alert,
+    /// micro-EUR (rate deck × connected seconds before detection).
+    pub loss_at_detection: Option<i64>,
+    /// Estimated cost of all its calls, micro-EUR.
+    pub loss_total: i64,
+}
+
+/// A campaign call: start, connected seconds, rate per minute (micro-EUR).
+struct CostedCall {
+    start: i64,
+    duration: f64,
+    rate: i64,
+}
+
+fn cost_until(calls: &[CostedCall], t: i64) -> i64 {
+    calls
+        .iter()
+        .map(|c| {
+            let secs = ((t - c.start) as f64 / 1000.0).clamp(0.0, c.duration);
+            (c.rate as f64 * secs / 60.0).round() as i64
+        })
+        .sum()
+}
+
+/// The campaign's outbound calls (ended, from its customers, to its ranges
+/// if it names any), costed with the rate deck.
+fn campaign_calls(
+    out: &sim::SimOutput,
+    l: &Label,
+    normalizers: &BTreeMap<String, Normalizer>,
+    rates: &tollguard_core::tables::RateDeck,
+) -> Vec<CostedCall> {
+    out.records
+        .iter()
+        .filter(|r| {
+            r.record.phase.as_deref() == Some("end")
+                && r.record.direction.as_deref() == Some("outbound")
+                && r.record
+                    .customer_id
+                    .as_deref()
+                    .is_some_and(|c| l.customers.iter().any(|x| x == c))
+        })
+        .filter_map(|r| {
+            let n = normalizers.get(&r.provider)?;
+            let e164 = n.to_e164("callee", r.record.callee.as_deref()?).ok()?;
+            if !l.ranges.is_empty() && !l.ranges.iter().any(|x| e164.starts_with(x.as_str())) {
+                return None;
+            }
+            let start =
+                tollguard_core::record::parse_time("start_time", r.record.start_time.as_deref()?)
+                    .ok()?;
+            Some(CostedCall {
+                start,
+                duration: r.record.duration_s.unwrap_or(0.0),
+                rate: rates.per_minute(&e164),
+            })
+        })
+        .collect()
 }
 
 /// The whole report.
@@ -107,13 +167,22 @@ pub async fn evaluate(args: &EvalArgs) -> anyhow::Result<Evaluation> {
     sc.enterprises = args.enterprises;
     let out = sim::generate(&sc);
     let (key, _) = args.pipeline.key()?;
+    let refdata = args.pipeline.refdata()?;
+    let rates = refdata.rates.clone();
+    let normalizers: BTreeMap<String, Normalizer> = sim::default_carriers()
+        .into_iter()
+        .filter_map(|c| {
+            let n = Normalizer::new(DialPlan::new(&c.home_country), args.pipeline.range_digits);
+            Some((c.id, n.ok()?))
+        })
+        .collect();
     let mut emb = Embedded::new(EmbeddedConfig {
         rules: args.pipeline.rules()?,
         policies: args.pipeline.policies()?,
         key: key.clone(),
         providers: Providers::simulated("NL"),
         range_digits: args.pipeline.range_digits,
-        refdata: args.pipeline.refdata()?,
+        refdata,
     })
     .await?;
     let now = chrono::Utc::now().timestamp_millis();
@@ -170,7 +239,10 @@ pub async fn evaluate(args: &EvalArgs) -> anyhow::Result<Evaluation> {
             .min();
         let rules: BTreeSet<String> = mine.iter().map(|a| rule_name(a)).collect();
         let incidents: BTreeSet<&str> = mine.iter().map(|a| a.incident_id.as_str()).collect();
+        let costed = campaign_calls(&out, l, &normalizers, &rates);
         campaigns.push(CampaignScore {
+            loss_at_detection: first.map(|t| cost_until(&costed, t)),
+            loss_total: cost_until(&costed, i64::MAX / 2),
             campaign: l.campaign.clone(),
             kind: l.kind.clone(),
             start: l.start.clone(),
@@ -289,18 +361,30 @@ pub async fn run(args: &EvalArgs, out: &mut dyn Write) -> anyhow::Result<EvalRep
     )?;
     writeln!(
         out,
-        "{:<24} {:<24} {:<9} {:>12} {:>14}  rules",
-        "campaign", "kind", "detected", "first alert", "first critical"
+        "{:<24} {:<24} {:<9} {:>12} {:>14} {:>22}  rules",
+        "campaign",
+        "kind",
+        "detected",
+        "first alert",
+        "first critical",
+        "EUR lost at alert / total"
     )?;
     for c in &report.campaigns {
+        let loss = format!(
+            "{} / {}",
+            c.loss_at_detection
+                .map_or_else(|| "—".to_string(), format_amount),
+            format_amount(c.loss_total)
+        );
         writeln!(
             out,
-            "{:<24} {:<24} {:<9} {:>12} {:>14}  {}",
+            "{:<24} {:<24} {:<9} {:>12} {:>14} {:>22}  {}",
             c.campaign,
             c.kind,
             if c.detected { "yes" } else { "NO" },
             dur(c.first_alert_s),
             dur(c.first_critical_s),
+            loss,
             c.rules.join(", ")
         )?;
     }
