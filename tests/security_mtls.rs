@@ -189,6 +189,39 @@ async fn ingest_identity_comes_from_the_client_certificate() {
             .unwrap_err();
     }
 
+    // `tollguard send` with kpn's certificate over mTLS.
+    let w = |name: &str, text: &str| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    };
+    let (cert, key) = (w("kpn.pem", &kpn.cert), w("kpn.key", &kpn.key));
+    let file = w(
+        "calls.jsonl",
+        &format!(
+            "{{\"provider_id\":\"kpn\",\"event_id\":\"send-1\",\"call_id\":\"c\",\"phase\":\"end\",\"line_id\":\"t\",\"caller\":\"0302001000\",\"callee\":\"0067077123456\",\"direction\":\"outbound\",\"start_time\":\"2011-06-11T00:47:00+02:00\",\"duration_s\":60}}\n"
+        ),
+    );
+    let out = std::process::Command::new(bin("tollguard"))
+        .arg("send")
+        .arg(&file)
+        .args(["--ingester", &format!("https://127.0.0.1:{}", ing.grpc)])
+        .arg("--ca")
+        .arg(&pki.ca_file)
+        .arg("--cert")
+        .arg(&cert)
+        .arg("--key")
+        .arg(&key)
+        .args(["--tls-server-name", "localhost"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "tollguard send over mTLS: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+
     // Kafka holds exactly the accepted events.
     let recs = consume_all(&kafka(), &ing.topic, Duration::from_secs(20))
         .await
@@ -202,7 +235,7 @@ async fn ingest_identity_comes_from_the_client_certificate() {
         })
         .collect();
     ids.sort();
-    assert_eq!(ids, ["good-1", "good-2"]);
+    assert_eq!(ids, ["good-1", "good-2", "send-1"]);
 }
 
 #[test]

@@ -26,6 +26,31 @@ pub struct SendArgs {
         env = "TOLLGUARD_INGESTER"
     )]
     pub ingester: String,
+    /// CA certificate (PEM) of the ingester's server certificate; with
+    /// --cert and --key the ingester is reached over mutual TLS (use an
+    /// https:// address).
+    #[arg(long, value_name = "PEM", env = "TOLLGUARD_INGESTER_CA")]
+    pub ca: Option<PathBuf>,
+    /// This carrier's client certificate (PEM).
+    #[arg(
+        long,
+        value_name = "PEM",
+        env = "TOLLGUARD_INGESTER_CERT",
+        requires = "key"
+    )]
+    pub cert: Option<PathBuf>,
+    /// This carrier's client key (PEM).
+    #[arg(
+        long,
+        value_name = "PEM",
+        env = "TOLLGUARD_INGESTER_KEY",
+        requires = "cert"
+    )]
+    pub key: Option<PathBuf>,
+    /// Server name to verify in the ingester's certificate (default: the
+    /// host of --ingester).
+    #[arg(long, value_name = "NAME")]
+    pub tls_server_name: Option<String>,
     /// Input format.
     #[arg(long, value_enum, default_value = "auto")]
     pub format: Format,
@@ -101,8 +126,30 @@ pub async fn run(args: &SendArgs, err: &mut dyn Write) -> anyhow::Result<SendSum
     );
     let mapping = args.csv_mapping.as_ref().map(load_mapping).transpose()?;
     let reader = RecordReader::open(&args.file, args.format, mapping.as_ref())?;
-    let channel = tonic::transport::Endpoint::from_shared(args.ingester.clone())
-        .map_err(|e| anyhow::anyhow!("--ingester {}: {e}", args.ingester))?
+    let mut endpoint = tonic::transport::Endpoint::from_shared(args.ingester.clone())
+        .map_err(|e| anyhow::anyhow!("--ingester {}: {e}", args.ingester))?;
+    if args.ca.is_some() || args.cert.is_some() {
+        let read = |flag: &str, p: &PathBuf| {
+            std::fs::read(p).map_err(|e| anyhow::anyhow!("{flag} {}: {e}", p.display()))
+        };
+        let mut tls = tonic::transport::ClientTlsConfig::new();
+        if let Some(ca) = &args.ca {
+            tls = tls.ca_certificate(tonic::transport::Certificate::from_pem(read("--ca", ca)?));
+        }
+        if let (Some(c), Some(k)) = (&args.cert, &args.key) {
+            tls = tls.identity(tonic::transport::Identity::from_pem(
+                read("--cert", c)?,
+                read("--key", k)?,
+            ));
+        }
+        if let Some(n) = &args.tls_server_name {
+            tls = tls.domain_name(n.clone());
+        }
+        endpoint = endpoint
+            .tls_config(tls)
+            .map_err(|e| anyhow::anyhow!("TLS settings: {e}"))?;
+    }
+    let channel = endpoint
         .connect_timeout(Duration::from_secs(10))
         .connect()
         .await
