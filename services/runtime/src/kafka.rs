@@ -39,6 +39,15 @@ use tokio::task::JoinHandle;
 use tollguard_core::bus::{EventBus, InRecord, OutRecord, Subscription};
 use tollguard_core::{BusError, ConfigError};
 
+/// Consumer read-ahead defaults (see `consumer_config`): per-partition
+/// message and total kilobyte caps of the prefetch queue, and fetch sizes.
+const CONSUMER_READ_AHEAD: &[(&str, &str)] = &[
+    ("queued.min.messages", "20000"),
+    ("queued.max.messages.kbytes", "16384"),
+    ("fetch.max.bytes", "8388608"),
+    ("max.partition.fetch.bytes", "2097152"),
+];
+
 /// Prefix of every configuration key reported by [`KafkaSettings::validate`].
 const KEY_PREFIX: &str = "kafka";
 
@@ -535,6 +544,17 @@ impl KafkaSettings {
             );
         if !self.extra.contains_key("partition.assignment.strategy") {
             c.set("partition.assignment.strategy", "cooperative-sticky");
+        }
+        // Bounded read-ahead: librdkafka's defaults (100,000 messages per
+        // partition, 64 MiB queued, 50 MiB per fetch) let a lagging consumer
+        // hold ~200 MiB of prefetched records (a correlator at 264 MiB RSS,
+        // BENCHMARKS.md). A few MiB is dozens of batches of the services'
+        // ~350-byte events: enough to keep them busy, small enough to keep a
+        // service well under its 256 MiB. `[kafka.extra]` may override each.
+        for (property, value) in CONSUMER_READ_AHEAD {
+            if !self.extra.contains_key(*property) {
+                c.set(*property, *value);
+            }
         }
         c
     }
