@@ -7,8 +7,13 @@
 //! * **One script call per run of updates.** The Lua script `APPLY` applies
 //!   each [`Update`] atomically: the dedupe marker (`SET NX PX`) decides
 //!   whether the writes run, reads always run, and every key written gets
-//!   its TTL (once per update). One call carries up to `UPDATES_PER_CALL`
-//!   consecutive updates, which amortises the fixed cost of a script call.
+//!   its TTL (once per call, the last TTL given: time is frozen inside a
+//!   script, so the deadline is the one a `PEXPIRE` after each write would
+//!   set). One call carries up to `UPDATES_PER_CALL` updates, which
+//!   amortises the fixed cost of a script call; a batch is grouped by scope
+//!   (order kept within a scope), so a call's updates mostly share a scope
+//!   and the script parses each bucketed or span hash once per call and
+//!   keeps its parsed copy exact through the call's own writes.
 //!   An update's `KEYS` are the marker and the op keys, all under the
 //!   scope's `{<tag>}`; on a cluster a call only ever carries updates of one
 //!   scope, so they share one hash slot.
@@ -123,6 +128,50 @@ local function hdel(key, fields)
   end
 end
 
+-- Per-call caches, so that the updates of one scope in one call (the store
+-- groups a batch's updates by scope) parse each hash once: for a bucketed
+-- counter (Add/Sum) field -> { bucket number, group, value }; for a span hash
+-- (Span/Overlap) id -> { start, end (numbers), their strings, closed, group }.
+-- Writes through Add/Span keep them exact; any other op on a cached key drops
+-- its entry. Keys cannot expire during a script (time is frozen in it).
+local hcache, scache = {}, {}
+
+local function hload(key)
+  local c = hcache[key]
+  if c then return c end
+  c = {}
+  local h = redis.call('HGETALL', key)
+  for j = 1, #h, 2 do
+    local b, group = split(h[j])
+    if b == nil then b, group = h[j], '' end
+    c[h[j]] = { tonumber(b) or -math.huge, group, tonumber(h[j + 1]) }
+  end
+  hcache[key] = c
+  return c
+end
+
+local function sload(key)
+  local c = scache[key]
+  if c then return c end
+  c = {}
+  local h = redis.call('HGETALL', key)
+  for j = 1, #h, 2 do
+    local s, e, cl, group = span(h[j + 1])
+    c[h[j]] = { tonumber(s), tonumber(e), s, e, cl, group }
+  end
+  scache[key] = c
+  return c
+end
+
+-- Each key written gets its TTL once, at the end of the call (the last TTL
+-- given wins, as if set after every write; time is frozen in a script, so
+-- the deadline is the same).
+local expire, expire_order = {}, {}
+local function touch(key, t)
+  if expire[key] == nil then expire_order[#expire_order + 1] = key end
+  expire[key] = t
+end
+
 local replies = {}
 local kbase = 0 -- KEYS offset of the current update
 for u = 1, tonumber(ARGV[1]) do
@@ -130,13 +179,6 @@ for u = 1, tonumber(ARGV[1]) do
   local stop = pos + tonumber(nargs)
   -- The marker decides: a re-delivered event skips every write; reads run.
   local dup = not redis.call('SET', KEYS[kbase + 1], '1', 'NX', 'PX', ttl)
-  -- Each key written gets its TTL once, at the end of the update (the last
-  -- TTL given wins, as if set after every write).
-  local expire, expire_order = {}, {}
-  local function touch(key, t)
-    if expire[key] == nil then expire_order[#expire_order + 1] = key end
-    expire[key] = t
-  end
   local ints = {} -- integer result of each op, for Val::Ref and `when`
   local function int_of(i) return ints[tonumber(i) + 1] or 0 end -- i is 0-based
   local res = { dup and 1 or 0 }
@@ -146,6 +188,8 @@ for u = 1, tonumber(ARGV[1]) do
     local code, ki = take(2)
     local key = KEYS[kbase + tonumber(ki)]
     local r = 0
+    if code ~= 'A' and code ~= 'S' then hcache[key] = nil end
+    if code ~= 'P' and code ~= 'O' then scache[key] = nil end
     if code == 'M' then -- CallMax: field, value, ttl of the call key
       local field, v, call_ttl = take(3)
       if not dup then
@@ -163,7 +207,13 @@ for u = 1, tonumber(ARGV[1]) do
       if kind == '@' then d = string.format('%d', int_of(v)) end
       local enabled = when == '' or int_of(when) ~= 0
       if not dup and tonumber(d) ~= 0 and enabled then
-        redis.call('HINCRBY', key, bucket .. '|' .. group, d)
+        local field = bucket .. '|' .. group
+        local now = redis.call('HINCRBY', key, field, d)
+        local c = hcache[key]
+        if c then
+          local f = c[field]
+          if f then f[3] = now else c[field] = { tonumber(bucket) or -math.huge, group, now } end
+        end
         touch(key, ttl)
       end
     elseif code == 'S' then -- Sum: from, to, prune_before
@@ -171,19 +221,17 @@ for u = 1, tonumber(ARGV[1]) do
       from, to, prune = tonumber(from), tonumber(to), tonumber(prune)
       local g = new_groups()
       local dead = {}
-      local h = redis.call('HGETALL', key)
-      for j = 1, #h, 2 do
-        local b, group = split(h[j])
-        if b == nil then b, group = h[j], '' end
-        b = tonumber(b) or -math.huge
+      local c = hload(key)
+      for field, f in pairs(c) do
+        local b = f[1]
         if b < prune then
-          dead[#dead + 1] = h[j]
+          dead[#dead + 1] = field
         elseif b >= from and b <= to then
-          local v = tonumber(h[j + 1])
-          g.total = g.total + v
-          add_to(g, group, v)
+          g.total = g.total + f[3]
+          add_to(g, f[2], f[3])
         end
       end
+      for _, field in ipairs(dead) do c[field] = nil end
       hdel(key, dead)
       r = flat(g)
     elseif code == 'K' then -- Mark: group, id, ts (the latest ts is kept)
@@ -210,15 +258,23 @@ for u = 1, tonumber(ARGV[1]) do
     elseif code == 'P' then -- Span: id, group, start, end, closed (1|0)
       local id, group, s, e, c = take(5)
       if not dup then
-        local cur = redis.call('HGET', key, id)
-        if cur then -- union: earliest start, latest end, closed sticks, first group
-          local os, oe, oc, og = span(cur)
+        local cache = scache[key]
+        local os, oe, oc, og
+        if cache then
+          local cur = cache[id]
+          if cur then os, oe, oc, og = cur[3], cur[4], cur[5], cur[6] end
+        else
+          local cur = redis.call('HGET', key, id)
+          if cur then os, oe, oc, og = span(cur) end
+        end
+        if os then -- union: earliest start, latest end, closed sticks, first group
           if tonumber(os) < tonumber(s) then s = os end
           if tonumber(oe) > tonumber(e) then e = oe end
           if oc == '1' then c = '1' end
           group = og
         end
         redis.call('HSET', key, id, s .. ',' .. e .. ',' .. c .. ',' .. group)
+        if cache then cache[id] = { tonumber(s), tonumber(e), s, e, c, group } end
         touch(key, ttl)
       end
     elseif code == 'O' then -- Overlap: at, open_horizon, prune_before
@@ -226,18 +282,18 @@ for u = 1, tonumber(ARGV[1]) do
       at, horizon, prune = tonumber(at), tonumber(horizon), tonumber(prune)
       local g = new_groups()
       local dead = {}
-      local h = redis.call('HGETALL', key)
-      for j = 1, #h, 2 do
-        local s, e, c, group = span(h[j + 1])
-        local untl = tonumber(e)
-        if c ~= '1' then untl = untl + horizon end
+      local c = sload(key)
+      for id, sp in pairs(c) do
+        local untl = sp[2]
+        if sp[5] ~= '1' then untl = untl + horizon end
         if untl < prune then
-          dead[#dead + 1] = h[j]
-        elseif tonumber(s) <= at and at <= untl then
+          dead[#dead + 1] = id
+        elseif sp[1] <= at and at <= untl then
           g.total = g.total + 1
-          add_to(g, group, 1)
+          add_to(g, sp[6], 1)
         end
       end
+      for _, id in ipairs(dead) do c[id] = nil end
       hdel(key, dead)
       r = flat(g)
     else
@@ -245,10 +301,10 @@ for u = 1, tonumber(ARGV[1]) do
     end
     res[#res + 1] = r
   end
-  for _, k in ipairs(expire_order) do redis.call('PEXPIRE', k, expire[k]) end
   replies[u] = res
   kbase = kbase + tonumber(nkeys)
 end
+for _, k in ipairs(expire_order) do redis.call('PEXPIRE', k, expire[k]) end
 return replies
 "#;
 
@@ -398,10 +454,11 @@ struct Encoded {
 }
 
 /// Updates per `EVALSHA`: amortises the fixed cost of a script call (script
-/// lookup, `KEYS`/`ARGV` tables, reply) over several updates, while keeping
-/// each call short (Redis runs one script at a time: ~32 updates are a few
-/// milliseconds at most).
-const UPDATES_PER_CALL: usize = 32;
+/// lookup, `KEYS`/`ARGV` tables, reply) and lets the updates of one scope
+/// share the script's per-call caches and TTLs, while keeping each call short
+/// (Redis runs one script at a time: 64 updates are a few milliseconds at
+/// most).
+const UPDATES_PER_CALL: usize = 64;
 
 /// One `EVALSHA` of [`APPLY`] over `chunk` (its `ARGV[1]` is the count, then
 /// per update: its key count, TTL, argument count and arguments).
@@ -775,8 +832,20 @@ impl WindowStore for RedisStore {
         );
         let replies = match self.conn {
             Conn::Single(_) => {
-                let all: Vec<&Encoded> = encoded.iter().collect();
-                self.eval_pipeline(&all).await?
+                // Grouped by scope (stable, so each scope keeps its order):
+                // a call then carries consecutive updates of one scope and
+                // the script parses each of its hashes once per call.
+                // Updates of different scopes touch disjoint keys, so their
+                // relative order is unobservable.
+                let mut order: Vec<usize> = (0..encoded.len()).collect();
+                order.sort_by(|&a, &b| encoded[a].tag.cmp(&encoded[b].tag));
+                let sorted: Vec<&Encoded> = order.iter().map(|&i| &encoded[i]).collect();
+                let part = self.eval_pipeline(&sorted).await?;
+                let mut replies = vec![Value::Nil; updates.len()];
+                for (i, v) in order.into_iter().zip(part) {
+                    replies[i] = v;
+                }
+                replies
             }
             Conn::Cluster(_) => {
                 // A cluster pipeline must stay in one slot: one per scope,
