@@ -110,6 +110,12 @@ struct Decision {
     sent_ms: i64,
     send: bool,
     done: bool,
+    /// Older versions decided to be sent whose deliveries have not settled
+    /// yet: a newer version's decision must not erase that obligation, or a
+    /// replica dying mid-delivery would lose the notification (the replay
+    /// of the older alert would look stale).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pending: Vec<u32>,
 }
 
 /// Whether to notify: pure, for tests. `prev` is the stored decision;
@@ -121,25 +127,40 @@ fn decide(
     published_ms: i64,
     interval_ms: u64,
 ) -> (Option<Decision>, bool) {
-    let fresh = |send: bool, sev: i32, sent_ms: i64| Decision {
+    let pending = |p: &Decision| {
+        let mut v = p.pending.clone();
+        if p.send && !p.done {
+            v.push(p.v);
+        }
+        v
+    };
+    let fresh = |send: bool, sev: i32, sent_ms: i64, pending: Vec<u32>| Decision {
         v: a.version,
         sev,
         sent_ms,
         send,
         done: !send,
+        pending,
     };
     match prev {
-        None => (Some(fresh(true, a.severity, published_ms)), true),
-        Some(p) if p.v > a.version => (None, false),
+        None => (
+            Some(fresh(true, a.severity, published_ms, Vec::new())),
+            true,
+        ),
+        // An older version: re-sent only if it was to be sent and never settled.
+        Some(p) if p.v > a.version => (None, p.pending.contains(&a.version)),
         Some(p) if p.v == a.version => (None, p.send && !p.done),
         Some(p) => {
             let send = a.severity > p.sev
                 || (a.severity == p.sev
                     && published_ms.saturating_sub(p.sent_ms) >= interval_ms as i64);
             if send {
-                (Some(fresh(true, a.severity, published_ms)), true)
+                (
+                    Some(fresh(true, a.severity, published_ms, pending(p))),
+                    true,
+                )
             } else {
-                (Some(fresh(false, p.sev, p.sent_ms)), false)
+                (Some(fresh(false, p.sev, p.sent_ms, pending(p))), false)
             }
         }
     }
@@ -314,10 +335,13 @@ impl Fanout {
             else {
                 return;
             };
-            if st.v != a.version || st.done {
+            if st.v == a.version && !st.done {
+                st.done = true;
+            } else if let Some(i) = st.pending.iter().position(|v| *v == a.version) {
+                st.pending.remove(i);
+            } else {
                 return;
             }
-            st.done = true;
             match d
                 .store
                 .cas_state(&StateWrite {
@@ -706,6 +730,41 @@ mod tests {
             decide(Some(&settled), &alert(3, pb::Severity::Critical), 0, hour),
             (None, false)
         );
+    }
+
+    #[test]
+    fn a_newer_version_keeps_an_unsettled_older_send() {
+        let hour = 3_600_000u64;
+        let w = pb::Severity::Warning;
+        // v1 decided and in flight; v2 coalesced before v1 settled.
+        let (d1, _) = decide(None, &alert(1, w), 0, hour);
+        let d1 = d1.unwrap();
+        let (d2, s2) = decide(Some(&d1), &alert(2, w), 1_000, hour);
+        assert!(!s2);
+        let d2 = d2.unwrap();
+        assert_eq!(d2.pending, [1]);
+        // The replica dies: the replay of v1 still sends it, v2's does not.
+        assert_eq!(decide(Some(&d2), &alert(1, w), 0, hour), (None, true));
+        assert_eq!(decide(Some(&d2), &alert(2, w), 1_000, hour), (None, false));
+        // An escalation carries the obligation on; once v1 settled it is
+        // gone (mark_done removes it from `pending`).
+        let (d3, s3) = decide(Some(&d2), &alert(3, pb::Severity::Critical), 2_000, hour);
+        assert!(s3);
+        let d3 = d3.unwrap();
+        assert_eq!(d3.pending, [1]);
+        let settled = Decision {
+            pending: Vec::new(),
+            ..d3.clone()
+        };
+        assert_eq!(decide(Some(&settled), &alert(1, w), 0, hour), (None, false));
+        // v3 unsettled, then v4 coalesced: both obligations kept.
+        let (d4, _) = decide(Some(&d3), &alert(4, pb::Severity::Critical), 3_000, hour);
+        assert_eq!(d4.unwrap().pending, [1, 3]);
+        // A decision stored before this field existed still reads.
+        let old: Decision =
+            serde_json::from_str(r#"{"v":2,"sev":1,"sent_ms":0,"send":true,"done":false}"#)
+                .unwrap();
+        assert!(old.pending.is_empty());
     }
 
     #[test]
