@@ -269,6 +269,18 @@ pub trait WindowStore: Send + Sync + fmt::Debug {
     -> Result<Vec<Option<String>>, StoreError>;
     /// Compare-and-set of one state value; true if it was written.
     async fn cas_state(&self, write: &StateWrite) -> Result<bool, StoreError>;
+    /// Compare-and-sets of several state values, each on its own exactly as
+    /// [`WindowStore::cas_state`] and in order (a later write of the same
+    /// key compares against the earlier one's result); one flag per write.
+    /// Backends override it to save round trips. On error, some of the
+    /// writes may have been applied.
+    async fn cas_states(&self, writes: &[StateWrite]) -> Result<Vec<bool>, StoreError> {
+        let mut out = Vec::with_capacity(writes.len());
+        for w in writes {
+            out.push(self.cas_state(w).await?);
+        }
+        Ok(out)
+    }
     /// Members of a consortium-wide set (e.g. the hot list).
     async fn set_members(&self, name: &str) -> Result<Vec<String>, StoreError>;
     /// Adds a member to a consortium-wide set; true if it was new.

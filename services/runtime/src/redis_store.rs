@@ -740,6 +740,74 @@ impl RedisStore {
         self
     }
 
+    /// [`WindowStore::cas_states`] on one node: one pipeline of `EVALSHA`s
+    /// of [`CAS`] (Redis runs a connection's commands in order), re-loading
+    /// the script and re-sending only the writes that met `NOSCRIPT` (which
+    /// ran nothing).
+    async fn cas_pipeline(&self, writes: &[StateWrite]) -> Result<Vec<bool>, StoreError> {
+        let mut written: Vec<Option<bool>> = vec![None; writes.len()];
+        let mut pending: Vec<usize> = (0..writes.len()).collect();
+        for attempt in 0..=NOSCRIPT_RELOADS {
+            let mut pipe = redis::pipe();
+            for &i in &pending {
+                let w = &writes[i];
+                let mut c = redis::cmd("EVALSHA");
+                c.arg(self.cas.get_hash())
+                    .arg(1)
+                    .arg(w.scope.key(&self.prefix, &format!("st:{}", w.name)))
+                    .arg(if w.expect.is_some() { "1" } else { "0" })
+                    .arg(w.expect.as_deref().unwrap_or(""))
+                    .arg(&w.value)
+                    .arg(w.ttl_ms.max(1));
+                pipe.add_command(c);
+            }
+            let mut c = self.conn.clone();
+            let raw = c
+                .req_packed_commands(&pipe, 0, pending.len())
+                .await
+                .map_err(store_err)?;
+            if raw.len() != pending.len() {
+                return Err(protocol(format!(
+                    "pipeline returned {} replies for {} compare-and-sets",
+                    raw.len(),
+                    pending.len()
+                )));
+            }
+            let mut retry = Vec::new();
+            for (&i, v) in pending.iter().zip(raw) {
+                match v.extract_error() {
+                    Ok(v) => written[i] = Some(int(&v)? == 1),
+                    Err(e) if e.kind() == ErrorKind::NoScriptError => retry.push(i),
+                    Err(e) => return Err(store_err(e)),
+                }
+            }
+            if let Some(&first) = retry.first() {
+                // A write after a NOSCRIPT meets it too (the script is gone)
+                // unless another client re-loads the script in between; the
+                // engine never sends two writes of one key in one call.
+                if attempt == NOSCRIPT_RELOADS {
+                    return Err(StoreError::Unavailable(format!(
+                        "NOSCRIPT persists after {NOSCRIPT_RELOADS} reloads of the CAS script"
+                    )));
+                }
+                tracing::warn!(
+                    writes = retry.len(),
+                    first,
+                    "redis lost the CAS script (NOSCRIPT); reloading and re-sending"
+                );
+                self.load(&self.cas).await?;
+                pending = retry;
+            } else {
+                break;
+            }
+        }
+        tracing::debug!(writes = writes.len(), "redis cas_states");
+        written
+            .into_iter()
+            .map(|w| w.ok_or_else(|| protocol("missing compare-and-set reply")))
+            .collect()
+    }
+
     /// Runs `batch` as one pipeline of `EVALSHA`s (each over up to
     /// [`UPDATES_PER_CALL`] consecutive updates) and returns one reply per
     /// update, re-loading the script and re-sending only the calls that met
@@ -912,6 +980,21 @@ impl WindowStore for RedisStore {
         let written: i64 = inv.invoke_async(&mut c).await.map_err(store_err)?;
         tracing::debug!(name = %w.name, written = written == 1, "redis cas_state");
         Ok(written == 1)
+    }
+
+    async fn cas_states(&self, writes: &[StateWrite]) -> Result<Vec<bool>, StoreError> {
+        match self.conn {
+            Conn::Single(_) if writes.len() > 1 => self.cas_pipeline(writes).await,
+            // A cluster pipeline must stay in one slot; each CAS on its own
+            // (in order: two writes of one key must not race).
+            _ => {
+                let mut out = Vec::with_capacity(writes.len());
+                for w in writes {
+                    out.push(self.cas_state(w).await?);
+                }
+                Ok(out)
+            }
+        }
     }
 
     async fn set_members(&self, name: &str) -> Result<Vec<String>, StoreError> {

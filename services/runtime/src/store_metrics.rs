@@ -19,7 +19,8 @@ use tollguard_core::store::{Outcome, Scope, StateWrite, Update, WindowStore};
 /// Label of the store metrics.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OpLabels {
-    /// `apply`, `get_states`, `cas_state`, `set_members`, `set_add`, `ping`.
+    /// `apply`, `get_states`, `cas_state`, `cas_states`, `set_members`,
+    /// `set_add`, `ping`.
     pub op: &'static str,
 }
 
@@ -93,6 +94,11 @@ impl WindowStore for MeteredStore {
 
     async fn cas_state(&self, write: &StateWrite) -> Result<bool, StoreError> {
         self.timed("cas_state", self.inner.cas_state(write)).await
+    }
+
+    async fn cas_states(&self, writes: &[StateWrite]) -> Result<Vec<bool>, StoreError> {
+        self.timed("cas_states", self.inner.cas_states(writes))
+            .await
     }
 
     async fn set_members(&self, name: &str) -> Result<Vec<String>, StoreError> {

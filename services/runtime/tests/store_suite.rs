@@ -916,6 +916,38 @@ async fn cas_state_compares_then_sets(h: &Harness) {
     );
 }
 
+/// cas_states: each write on its own and in order (a later write of one key
+/// compares against the earlier one's result), one flag per write.
+async fn cas_states_apply_in_order(h: &Harness) {
+    let s = h.store();
+    let w = |scope: &Scope, name: &str, expect: Option<&str>, value: &str| StateWrite {
+        scope: scope.clone(),
+        name: name.into(),
+        expect: expect.map(str::to_string),
+        value: value.into(),
+        ttl_ms: TTL,
+    };
+    let (c, r) = (cust(), range());
+    assert_eq!(s.cas_states(&[]).await.unwrap(), Vec::<bool>::new());
+    let flags = s
+        .cas_states(&[
+            w(&c, "inc:a", None, "a1"),
+            w(&r, "inc:b", Some("nope"), "b1"),
+            w(&c, "inc:a", Some("a1"), "a2"),
+            w(&c, "inc:a", None, "a3"),
+            w(&r, "inc:b", None, "b1"),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(flags, vec![true, false, true, false, true]);
+    assert_eq!(
+        s.get_states(&[(c.clone(), "inc:a".into()), (r.clone(), "inc:b".into())])
+            .await
+            .unwrap(),
+        vec![Some("a2".to_string()), Some("b1".to_string())]
+    );
+}
+
 /// Consortium-wide sets: set_add says whether the member was new;
 /// set_members lists them sorted.
 async fn sets_add_and_list_sorted(h: &Harness) {
@@ -993,6 +1025,7 @@ suite!(
     duplicates_skip_writes_but_answer_reads,
     every_key_written_expires,
     cas_state_compares_then_sets,
+    cas_states_apply_in_order,
     sets_add_and_list_sorted,
     empty_batches_and_updates,
 );

@@ -362,86 +362,169 @@ impl Engine {
         // Keys this batch has claimed: their pending marker is ours, not a
         // crashed replica's.
         let mut own: std::collections::HashSet<(Scope, String)> = Default::default();
-        for f in findings {
+        // Findings per incident key, in order. Keys are independent (each
+        // finding reads and compare-and-sets only its own key), so the
+        // findings advance in rounds: each round takes the next finding of
+        // every key that needs a write and sends all those compare-and-sets
+        // in one call; within a key the order — and every decision — is the
+        // one a finding-by-finding loop would make.
+        let mut lanes: Vec<Lane> = Vec::new();
+        let mut lane_of: HashMap<(Scope, String), usize> = HashMap::new();
+        for (i, f) in findings.iter().enumerate() {
             let key = (f.scope.clone(), format!("inc:{}", f.incident_key));
-            for _attempt in 0..3 {
-                let raw = cur.get(&key).cloned().flatten();
-                let mut prev: Option<IncidentState> =
-                    raw.as_deref().and_then(|s| serde_json::from_str(s).ok());
-                if own.contains(&key)
-                    && let Some(p) = prev.as_mut()
-                {
-                    p.pending = None;
-                }
-                let Some((next, alert)) = decide(&f, prev.as_ref(), &cfg, wall) else {
-                    break;
-                };
-                let Some(alert) = alert else {
-                    // Only last_seen moved: persist without an alert (keeping
-                    // our own pending claim, if any, for the confirm).
-                    let mut next = next;
-                    if own.contains(&key) {
-                        next.pending = raw
-                            .as_deref()
-                            .and_then(|s| serde_json::from_str::<IncidentState>(s).ok())
-                            .and_then(|p| p.pending);
+            let l = *lane_of.entry(key.clone()).or_insert_with(|| {
+                lanes.push(Lane {
+                    key,
+                    queue: Default::default(),
+                    attempt: 0,
+                });
+                lanes.len() - 1
+            });
+            lanes[l].queue.push_back(i);
+        }
+        let mut alerts: Vec<(usize, pb::Alert)> = Vec::new();
+        loop {
+            let mut writes: Vec<StateWrite> = Vec::new();
+            let mut steps: Vec<(usize, Step)> = Vec::new();
+            for (l, lane) in lanes.iter_mut().enumerate() {
+                while let Some(&fi) = lane.queue.front() {
+                    let f = &findings[fi];
+                    let key = &lane.key;
+                    let raw = cur.get(key).cloned().flatten();
+                    let mut prev: Option<IncidentState> =
+                        raw.as_deref().and_then(|s| serde_json::from_str(s).ok());
+                    if own.contains(key)
+                        && let Some(p) = prev.as_mut()
+                    {
+                        p.pending = None;
                     }
-                    let value = serde_json::to_string(&next).unwrap_or_default();
-                    let w = StateWrite {
+                    let Some((next, alert)) = decide(f, prev.as_ref(), &cfg, wall) else {
+                        lane.next();
+                        continue;
+                    };
+                    let Some(alert) = alert else {
+                        // Only last_seen moved: persist without an alert
+                        // (keeping our own pending claim, if any, for the
+                        // confirm).
+                        let mut next = next;
+                        if own.contains(key) {
+                            next.pending = raw
+                                .as_deref()
+                                .and_then(|s| serde_json::from_str::<IncidentState>(s).ok())
+                                .and_then(|p| p.pending);
+                        }
+                        let value = serde_json::to_string(&next).unwrap_or_default();
+                        writes.push(StateWrite {
+                            scope: key.0.clone(),
+                            name: key.1.clone(),
+                            expect: raw,
+                            value: value.clone(),
+                            ttl_ms: ttl(&cfg),
+                        });
+                        steps.push((l, Step::Touch { next, value }));
+                        break;
+                    };
+                    let mut claimed = next;
+                    claimed.pending = Some(hex::encode(alert.encode_to_vec()));
+                    claimed.claimed_wall = wall;
+                    let value = serde_json::to_string(&claimed).unwrap_or_default();
+                    writes.push(StateWrite {
                         scope: key.0.clone(),
                         name: key.1.clone(),
-                        expect: raw.clone(),
+                        expect: raw,
                         value: value.clone(),
                         ttl_ms: ttl(&cfg),
-                    };
-                    if self.store.cas_state(&w).await? {
-                        if own.contains(&key)
-                            && let Some(c) = out
-                                .confirms
-                                .iter_mut()
-                                .rev()
-                                .find(|c| c.scope == key.0 && c.name == key.1)
-                        {
-                            next.pending = None;
-                            c.expect = Some(value.clone());
-                            c.value = serde_json::to_string(&next).unwrap_or_default();
-                        }
-                        cur.insert(key.clone(), Some(value));
-                    }
-                    break;
-                };
-                let mut claimed = next.clone();
-                claimed.pending = Some(hex::encode(alert.encode_to_vec()));
-                claimed.claimed_wall = wall;
-                let value = serde_json::to_string(&claimed).unwrap_or_default();
-                let w = StateWrite {
-                    scope: key.0.clone(),
-                    name: key.1.clone(),
-                    expect: raw.clone(),
-                    value: value.clone(),
-                    ttl_ms: ttl(&cfg),
-                };
-                if self.store.cas_state(&w).await? {
-                    let mut confirmed = claimed;
-                    confirmed.pending = None;
-                    let cvalue = serde_json::to_string(&confirmed).unwrap_or_default();
-                    out.confirms.push(StateWrite {
-                        scope: key.0.clone(),
-                        name: key.1.clone(),
-                        expect: Some(value.clone()),
-                        value: cvalue,
-                        ttl_ms: ttl(&cfg),
                     });
-                    cur.insert(key.clone(), Some(value));
-                    own.insert(key.clone());
-                    out.alerts.push(alert);
+                    steps.push((
+                        l,
+                        Step::Claim {
+                            claimed,
+                            value,
+                            alert,
+                        },
+                    ));
                     break;
                 }
-                // Another replica changed it: reload and decide again.
-                let fresh = self.store.get_states(std::slice::from_ref(&key)).await?;
-                cur.insert(key.clone(), fresh.into_iter().next().flatten());
+            }
+            if writes.is_empty() {
+                break;
+            }
+            let written = self.store.cas_states(&writes).await?;
+            if written.len() != writes.len() {
+                return Err(StoreError::Protocol(format!(
+                    "cas_states returned {} results for {} writes",
+                    written.len(),
+                    writes.len()
+                )));
+            }
+            let mut reload: Vec<usize> = Vec::new();
+            for ((l, step), ok) in steps.into_iter().zip(written) {
+                let lane = &mut lanes[l];
+                let key = &lane.key;
+                match step {
+                    Step::Touch { mut next, value } => {
+                        if ok {
+                            if own.contains(key)
+                                && let Some(c) = out
+                                    .confirms
+                                    .iter_mut()
+                                    .rev()
+                                    .find(|c| c.scope == key.0 && c.name == key.1)
+                            {
+                                next.pending = None;
+                                c.expect = Some(value.clone());
+                                c.value = serde_json::to_string(&next).unwrap_or_default();
+                            }
+                            cur.insert(key.clone(), Some(value));
+                        }
+                        // A lost silent write is not retried.
+                        lane.next();
+                    }
+                    Step::Claim {
+                        claimed,
+                        value,
+                        alert,
+                    } => {
+                        if ok {
+                            let mut confirmed = claimed;
+                            confirmed.pending = None;
+                            let cvalue = serde_json::to_string(&confirmed).unwrap_or_default();
+                            out.confirms.push(StateWrite {
+                                scope: key.0.clone(),
+                                name: key.1.clone(),
+                                expect: Some(value.clone()),
+                                value: cvalue,
+                                ttl_ms: ttl(&cfg),
+                            });
+                            cur.insert(key.clone(), Some(value));
+                            own.insert(key.clone());
+                            let fi = lane.queue.front().copied().unwrap_or_default();
+                            alerts.push((fi, alert));
+                            lane.next();
+                        } else {
+                            // Another replica changed it: reload and decide
+                            // again (up to three attempts per finding).
+                            reload.push(l);
+                            lane.attempt += 1;
+                            if lane.attempt == CLAIM_ATTEMPTS {
+                                lane.next();
+                            }
+                        }
+                    }
+                }
+            }
+            if !reload.is_empty() {
+                let keys: Vec<(Scope, String)> =
+                    reload.iter().map(|&l| lanes[l].key.clone()).collect();
+                let fresh = self.store.get_states(&keys).await?;
+                for (key, v) in keys.into_iter().zip(fresh) {
+                    cur.insert(key, v);
+                }
             }
         }
+        // Alerts in the order of their findings, as published before.
+        alerts.sort_by_key(|(fi, _)| *fi);
+        out.alerts = alerts.into_iter().map(|(_, a)| a).collect();
         Ok(out)
     }
 
@@ -453,12 +536,47 @@ impl Engine {
         for w in p.confirms {
             last.insert((w.scope.clone(), w.name.clone()), w);
         }
-        for (_, w) in last {
-            // If a later claim replaced ours, the CAS fails harmlessly.
-            self.store.cas_state(&w).await?;
+        // One call for all of them. If a later claim replaced ours, its CAS
+        // fails harmlessly.
+        let writes: Vec<StateWrite> = last.into_values().collect();
+        if !writes.is_empty() {
+            self.store.cas_states(&writes).await?;
         }
         Ok(())
     }
+}
+
+/// Compare-and-set attempts of one finding's claim before it gives way.
+const CLAIM_ATTEMPTS: u32 = 3;
+
+/// The findings of one incident key, taken in order by [`Engine::incidents`].
+struct Lane {
+    key: (Scope, String),
+    /// Indices of its findings still to decide.
+    queue: std::collections::VecDeque<usize>,
+    /// Failed claims of the finding at the front.
+    attempt: u32,
+}
+
+impl Lane {
+    /// On to the next finding.
+    fn next(&mut self) {
+        self.queue.pop_front();
+        self.attempt = 0;
+    }
+}
+
+/// A compare-and-set of one round of [`Engine::incidents`], and what to do
+/// with its result.
+enum Step {
+    /// Persist the state without an alert.
+    Touch { next: IncidentState, value: String },
+    /// Claim the incident for `alert`.
+    Claim {
+        claimed: IncidentState,
+        value: String,
+        alert: pb::Alert,
+    },
 }
 
 fn ttl(cfg: &crate::rules::config::Incidents) -> i64 {
