@@ -198,9 +198,7 @@ async fn ingest_identity_comes_from_the_client_certificate() {
     let (cert, key) = (w("kpn.pem", &kpn.cert), w("kpn.key", &kpn.key));
     let file = w(
         "calls.jsonl",
-        &format!(
-            "{{\"provider_id\":\"kpn\",\"event_id\":\"send-1\",\"call_id\":\"c\",\"phase\":\"end\",\"line_id\":\"t\",\"caller\":\"0302001000\",\"callee\":\"0067077123456\",\"direction\":\"outbound\",\"start_time\":\"2011-06-11T00:47:00+02:00\",\"duration_s\":60}}\n"
-        ),
+        "{\"provider_id\":\"kpn\",\"event_id\":\"send-1\",\"call_id\":\"c\",\"phase\":\"end\",\"line_id\":\"t\",\"caller\":\"0302001000\",\"callee\":\"0067077123456\",\"direction\":\"outbound\",\"start_time\":\"2011-06-11T00:47:00+02:00\",\"duration_s\":60}\n",
     );
     let out = std::process::Command::new(bin("tollguard"))
         .arg("send")

@@ -1,7 +1,8 @@
 //! The embedded pipeline: the same ingest → bus → correlate → notify code as
 //! the production services, in one process, over the in-process
 //! [`MemoryBus`] and [`MemoryStore`]. `tollguard demo` and `tollguard
-//! replay` run on it.
+//! replay` run on it; `tollguard eval --kafka … --redis …` runs the same
+//! code over a real broker and Redis ([`Backend::Real`]).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -19,6 +20,8 @@ use tollguard_correlator::{Topics, Worker};
 use tollguard_ingester::{IngestCore, PublishError};
 use tollguard_notifier::Notifier;
 use tollguard_proto::v1 as pb;
+use tollguard_runtime::kafka::{KafkaBus, KafkaSettings};
+use tollguard_runtime::redis_store::RedisStore;
 
 /// Dial plans by provider, with a fallback for unknown providers.
 #[derive(Debug, Clone)]
@@ -62,11 +65,44 @@ pub struct InputError {
     pub error: FieldError,
 }
 
+/// Where the pipeline's bus and window store live.
+#[derive(Debug, Clone, Default)]
+pub enum BackendOpts {
+    /// In process (the default).
+    #[default]
+    Memory,
+    /// A real Kafka broker and Redis server, on topics and a key prefix of
+    /// this run (`tgeval.<run>.*`, `tgeval:<run>:`).
+    Real {
+        /// Kafka bootstrap servers.
+        kafka: String,
+        /// Redis URL.
+        redis: String,
+    },
+}
+
+#[derive(Debug)]
+enum Backend {
+    Memory {
+        bus: MemoryBus,
+        store: Arc<MemoryStore>,
+    },
+    Real {
+        /// Records the correlator consumed so far.
+        consumed: u64,
+        /// Alerts it published so far.
+        published: u64,
+        /// Alerts the notifier received so far.
+        received: u64,
+    },
+}
+
 /// The embedded pipeline.
 #[derive(Debug)]
 pub struct Embedded {
-    bus: MemoryBus,
-    store: Arc<MemoryStore>,
+    backend: Backend,
+    dynbus: Arc<dyn EventBus>,
+    topics: Topics,
     key: Key,
     refdata: Arc<ReferenceData>,
     providers: Providers,
@@ -98,8 +134,66 @@ pub struct EmbeddedConfig {
 impl Embedded {
     /// Builds the pipeline.
     pub async fn new(cfg: EmbeddedConfig) -> Result<Self, ConfigError> {
-        let bus = MemoryBus::new();
-        let store = Arc::new(MemoryStore::with_event_clock("tg:"));
+        Self::with_backend(cfg, &BackendOpts::Memory).await
+    }
+
+    /// Builds the pipeline over `backend`.
+    pub async fn with_backend(
+        cfg: EmbeddedConfig,
+        backend: &BackendOpts,
+    ) -> Result<Self, ConfigError> {
+        let (backend, dynbus, store, topics): (_, Arc<dyn EventBus>, Arc<dyn WindowStore>, _) =
+            match backend {
+                BackendOpts::Memory => {
+                    let bus = MemoryBus::new();
+                    let store = Arc::new(MemoryStore::with_event_clock("tg:"));
+                    (
+                        Backend::Memory {
+                            bus: bus.clone(),
+                            store: store.clone(),
+                        },
+                        Arc::new(bus),
+                        store,
+                        Topics::default(),
+                    )
+                }
+                BackendOpts::Real { kafka, redis } => {
+                    let run = format!("{}-{:08x}", std::process::id(), rand::random::<u32>());
+                    let topics = Topics {
+                        calls: format!("tgeval.{run}.calls"),
+                        alerts: format!("tgeval.{run}.alerts"),
+                        dlq: format!("tgeval.{run}.dlq"),
+                    };
+                    let bus = KafkaBus::new(KafkaSettings::new(kafka.clone()))
+                        .map_err(|e| ConfigError::new("kafka", e))?;
+                    bus.ensure_topics(&[
+                        (topics.calls.as_str(), 4, &[]),
+                        (topics.alerts.as_str(), 2, &[]),
+                        (topics.dlq.as_str(), 1, &[]),
+                    ])
+                    .await
+                    .map_err(|e| ConfigError::new("kafka", e))?;
+                    let store = RedisStore::connect(redis, &format!("tgeval:{run}:"))
+                        .await
+                        .map_err(|e| ConfigError::new("redis", e))?;
+                    tracing::info!(
+                        calls = %topics.calls,
+                        alerts = %topics.alerts,
+                        prefix = %format!("tgeval:{run}:"),
+                        "evaluating over the real broker and Redis"
+                    );
+                    (
+                        Backend::Real {
+                            consumed: 0,
+                            published: 0,
+                            received: 0,
+                        },
+                        Arc::new(bus),
+                        Arc::new(store),
+                        topics,
+                    )
+                }
+            };
         let th = cfg.rules.validate()?;
         let default_policy = tollguard_core::rules::Policy {
             daily_cap: th.daily_cap,
@@ -112,20 +206,24 @@ impl Embedded {
             None => Policies::default(),
         };
         let detector = Detector::new(cfg.rules.clone(), policies, HotList::default())?;
-        let engine = Engine::new(store.clone() as Arc<dyn WindowStore>, detector);
-        let dynbus: Arc<dyn EventBus> = Arc::new(bus.clone());
+        let engine = Engine::new(store, detector);
+        let group = |g: &str| match &backend {
+            Backend::Memory { .. } => g.to_string(),
+            Backend::Real { .. } => format!("{}-{g}", topics.calls),
+        };
         let sub = dynbus
-            .subscribe(&[topics::CALLS], "tollguard-correlator")
+            .subscribe(&[topics.calls.as_str()], &group("tollguard-correlator"))
             .await
             .map_err(|e| ConfigError::new("bus", e))?;
-        let worker = Worker::new(engine, dynbus.clone(), sub, Topics::default(), None);
+        let worker = Worker::new(engine, dynbus.clone(), sub, topics.clone(), None);
         let nsub = dynbus
-            .subscribe(&[topics::ALERTS], "tollguard-notifier")
+            .subscribe(&[topics.alerts.as_str()], &group("tollguard-notifier"))
             .await
             .map_err(|e| ConfigError::new("bus", e))?;
         Ok(Self {
-            bus,
-            store,
+            backend,
+            dynbus,
+            topics,
             key: cfg.key,
             refdata: Arc::new(cfg.refdata),
             providers: cfg.providers,
@@ -146,7 +244,7 @@ impl Embedded {
                 Pseudonymizer::new(self.key.clone()),
                 self.refdata.clone(),
             )?;
-            let core = IngestCore::new(ing, Arc::new(self.bus.clone()), topics::CALLS);
+            let core = IngestCore::new(ing, self.dynbus.clone(), &self.topics.calls);
             self.ingesters.insert(provider.to_string(), core);
         }
         Ok(&self.ingesters[provider])
@@ -157,62 +255,85 @@ impl Embedded {
     /// for the "not in the future" check.
     pub async fn ingest(&mut self, records: &[(u64, RawRecord)], now: i64) -> Vec<InputError> {
         let mut errors = Vec::new();
-        // Group consecutive records by provider, preserving order.
-        let mut i = 0;
-        while i < records.len() {
-            let provider = records[i].1.provider_id.clone().unwrap_or_default();
-            let mut j = i;
-            while j < records.len() && records[j].1.provider_id.as_deref().unwrap_or("") == provider
-            {
-                j += 1;
+        // Runs of consecutive records of one provider, in order.
+        let mut runs: Vec<(String, Vec<u64>, Vec<RawRecord>)> = Vec::new();
+        for (pos, r) in records {
+            let provider = r.provider_id.clone().unwrap_or_default();
+            match runs.last_mut() {
+                Some((p, ps, rs)) if *p == provider => {
+                    ps.push(*pos);
+                    rs.push(r.clone());
+                }
+                _ => runs.push((provider, vec![*pos], vec![r.clone()])),
             }
-            let chunk: Vec<RawRecord> = records[i..j].iter().map(|(_, r)| r.clone()).collect();
-            // The store's TTL clock follows event time (see MemoryStore::with_event_clock).
-            if let Some(t) = chunk.iter().map(crate::input::phase_time).max() {
-                self.store.advance_clock(t);
-            }
-            let positions: Vec<u64> = records[i..j].iter().map(|(p, _)| *p).collect();
+        }
+        let mut ready = Vec::new();
+        for (provider, positions, chunk) in runs {
             match self.ingester(&provider) {
-                Err(e) => {
-                    for p in positions {
+                Ok(_) => ready.push((provider, positions, chunk)),
+                Err(e) => errors.extend(positions.into_iter().map(|p| InputError {
+                    position: p,
+                    error: FieldError::invalid("provider_id", format!("{e}")),
+                })),
+            }
+        }
+        let outcomes =
+            match &self.backend {
+                Backend::Memory { store, .. } => {
+                    let mut out = Vec::new();
+                    for (provider, _, chunk) in &ready {
+                        // The store's TTL clock follows event time (see
+                        // MemoryStore::with_event_clock).
+                        if let Some(t) = chunk.iter().map(crate::input::phase_time).max() {
+                            store.advance_clock(t);
+                        }
+                        out.push(self.ingesters[provider].publish(chunk, now, None).await);
+                    }
+                    out
+                }
+                // Over Kafka every run is in flight at once (the producer keeps
+                // each partition's order), rather than one broker round trip per
+                // run of consecutive records.
+                Backend::Real { .. } => {
+                    futures::future::join_all(ready.iter().map(|(provider, _, chunk)| {
+                        self.ingesters[provider].publish(chunk, now, None)
+                    }))
+                    .await
+                }
+            };
+        for ((_, positions, _), outcome) in ready.iter().zip(outcomes) {
+            match outcome {
+                Ok(out) => {
+                    self.accepted += out.accepted as u64;
+                    for r in out.rejected {
                         errors.push(InputError {
-                            position: p,
-                            error: FieldError::invalid("provider_id", format!("{e}")),
+                            position: positions[r.index as usize],
+                            error: r.error,
                         });
                     }
                 }
-                Ok(core) => match core.publish(&chunk, now, None).await {
-                    Ok(out) => {
-                        self.accepted += out.accepted as u64;
-                        for r in out.rejected {
-                            errors.push(InputError {
-                                position: positions[r.index as usize],
-                                error: r.error,
-                            });
-                        }
-                    }
-                    Err(PublishError::Denied(r)) => errors.push(InputError {
-                        position: positions[r.index as usize],
-                        error: r.error,
-                    }),
-                    Err(PublishError::Bus(e)) => {
-                        for p in positions {
-                            errors.push(InputError {
-                                position: p,
-                                error: FieldError::invalid("record", format!("bus: {e}")),
-                            });
-                        }
-                    }
-                },
+                Err(PublishError::Denied(r)) => errors.push(InputError {
+                    position: positions[r.index as usize],
+                    error: r.error,
+                }),
+                Err(PublishError::Bus(e)) => {
+                    errors.extend(positions.iter().map(|p| InputError {
+                        position: *p,
+                        error: FieldError::invalid("record", format!("bus: {e}")),
+                    }));
+                }
             }
-            i = j;
         }
+        errors.sort_by_key(|e| e.position);
         errors
     }
 
     /// Runs the correlator and notifier until both have caught up; returns
     /// the alerts delivered by the notifier, in order.
     pub async fn drain(&mut self) -> Result<Vec<pb::Alert>, anyhow::Error> {
+        if let Backend::Real { .. } = self.backend {
+            return self.drain_real().await;
+        }
         loop {
             let r = self.worker.step(2000, Duration::ZERO).await?;
             if r.records == 0 {
@@ -227,15 +348,77 @@ impl Embedded {
             }
             alerts.extend(a);
         }
-        let committed = self.bus.committed("tollguard-correlator", topics::CALLS);
-        self.bus.trim(topics::CALLS, committed);
-        let committed = self.bus.committed("tollguard-notifier", topics::ALERTS);
-        self.bus.trim(topics::ALERTS, committed);
+        if let Backend::Memory { bus, .. } = &self.backend {
+            let committed = bus.committed("tollguard-correlator", topics::CALLS);
+            bus.trim(topics::CALLS, committed);
+            let committed = bus.committed("tollguard-notifier", topics::ALERTS);
+            bus.trim(topics::ALERTS, committed);
+        }
+        Ok(alerts)
+    }
+
+    /// Over Kafka: steps until the correlator has consumed every accepted
+    /// record and the notifier every published alert (polls wait, so an
+    /// empty poll is not the end); gives up after 60 s without progress.
+    async fn drain_real(&mut self) -> Result<Vec<pb::Alert>, anyhow::Error> {
+        let wait = Duration::from_millis(200);
+        let stall = 300;
+        let mut idle = 0;
+        loop {
+            let Backend::Real {
+                consumed,
+                published,
+                ..
+            } = &mut self.backend
+            else {
+                unreachable!()
+            };
+            if *consumed >= self.accepted {
+                break;
+            }
+            let r = self.worker.step(2000, wait).await?;
+            *consumed += r.records as u64;
+            *published += r.alerts as u64;
+            idle = if r.records == 0 { idle + 1 } else { 0 };
+            if idle > stall {
+                anyhow::bail!(
+                    "the correlator consumed {consumed} of {} records and made no progress for 60 s",
+                    self.accepted
+                );
+            }
+        }
+        let mut alerts = Vec::new();
+        idle = 0;
+        loop {
+            let Backend::Real {
+                published,
+                received,
+                ..
+            } = &mut self.backend
+            else {
+                unreachable!()
+            };
+            if *received >= *published {
+                break;
+            }
+            let a = self.notifier.step(1000, wait).await?;
+            *received += a.len() as u64;
+            idle = if a.is_empty() { idle + 1 } else { 0 };
+            alerts.extend(a);
+            if idle > stall {
+                anyhow::bail!(
+                    "the notifier received {received} of {published} alerts and made no progress for 60 s"
+                );
+            }
+        }
         Ok(alerts)
     }
 
     /// Live keys in the window store.
     pub fn store_keys(&self) -> usize {
-        self.store.key_count()
+        match &self.backend {
+            Backend::Memory { store, .. } => store.key_count(),
+            Backend::Real { .. } => 0,
+        }
     }
 }

@@ -16,7 +16,7 @@ use tollguard_core::sim::{self, Label, Scenario};
 use tollguard_proto::v1 as pb;
 
 use crate::common::PipelineOpts;
-use crate::embedded::{Embedded, EmbeddedConfig, Providers};
+use crate::embedded::{BackendOpts, Embedded, EmbeddedConfig, Providers};
 
 /// Arguments.
 #[derive(Debug, clap::Args)]
@@ -33,6 +33,15 @@ pub struct EvalArgs {
     /// Write a detection timeline picture (SVG) to this file.
     #[arg(long, value_name = "FILE")]
     pub svg: Option<PathBuf>,
+    /// Run over this Kafka broker (with --redis) instead of in process:
+    /// the same ingest, correlator and notifier code on topics
+    /// `tgeval.<run>.*`.
+    #[arg(long, value_name = "BOOTSTRAP", requires = "redis")]
+    pub kafka: Option<String>,
+    /// Redis URL for the window store (with --kafka), keys under
+    /// `tgeval:<run>:`.
+    #[arg(long, value_name = "URL", requires = "kafka")]
+    pub redis: Option<String>,
     /// Detection options.
     #[command(flatten)]
     pub pipeline: PipelineOpts,
@@ -176,14 +185,24 @@ pub async fn evaluate(args: &EvalArgs) -> anyhow::Result<Evaluation> {
             Some((c.id, n.ok()?))
         })
         .collect();
-    let mut emb = Embedded::new(EmbeddedConfig {
-        rules: args.pipeline.rules()?,
-        policies: args.pipeline.policies()?,
-        key: key.clone(),
-        providers: Providers::simulated("NL"),
-        range_digits: args.pipeline.range_digits,
-        refdata,
-    })
+    let backend = match (&args.kafka, &args.redis) {
+        (Some(kafka), Some(redis)) => BackendOpts::Real {
+            kafka: kafka.clone(),
+            redis: redis.clone(),
+        },
+        _ => BackendOpts::Memory,
+    };
+    let mut emb = Embedded::with_backend(
+        EmbeddedConfig {
+            rules: args.pipeline.rules()?,
+            policies: args.pipeline.policies()?,
+            key: key.clone(),
+            providers: Providers::simulated("NL"),
+            range_digits: args.pipeline.range_digits,
+            refdata,
+        },
+        &backend,
+    )
     .await?;
     let now = chrono::Utc::now().timestamp_millis();
     let mut alerts = Vec::new();

@@ -168,6 +168,8 @@ async fn eval_suite_catches_every_campaign_without_false_alarms() {
         enterprises: 300,
         json: Some(dir.path().join("report.json")),
         svg: Some(dir.path().join("timeline.svg")),
+        kafka: None,
+        redis: None,
         pipeline: pipeline(),
     };
     let mut out = Vec::new();
@@ -193,6 +195,11 @@ async fn eval_suite_catches_every_campaign_without_false_alarms() {
         .find(|c| c.kind == "multi_carrier_pbx_hack")
         .unwrap();
     assert!(pbx.first_critical_s.unwrap() <= 300, "{text}");
+    let lost = pbx.loss_at_detection.unwrap();
+    assert!(
+        lost > 0 && lost < 500 * MICROS && pbx.loss_total > 100 * lost,
+        "{text}"
+    );
     assert_eq!(r.false_critical_incidents, 0, "{text}");
     assert!(r.fp_per_million <= 1.0, "{text}");
     let json: serde_json::Value =
