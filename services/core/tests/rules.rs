@@ -625,6 +625,7 @@ fn baseline_rules() -> RulesConfig {
     let mut rules = RulesConfig::default();
     // Only the baseline adapts the thresholds here.
     rules.multi_carrier_burst.familiar_factor = 1.0;
+    rules.multi_carrier_burst.baseline.enabled = true;
     rules
 }
 

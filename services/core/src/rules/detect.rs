@@ -725,7 +725,17 @@ impl Detector {
             .as_ref()
             .and_then(|(u, idx)| Some((*u, idx.familiar?)))
             .and_then(|(u, i)| outcomes.get(u)?.results.get(i))
-            .map_or(0, |r| r.groups().total)
+            .map_or(0, |r| {
+                let today = plan.now.div_euclid(DAY);
+                let from = today - self.cfg.multi_carrier_burst.familiar_window_days;
+                r.groups()
+                    .by
+                    .iter()
+                    .filter(|(d, n)| {
+                        **n > 0 && d.parse::<i64>().is_ok_and(|d| d > from && d <= today)
+                    })
+                    .count() as i64
+            })
     }
 
     /// The normal high-risk volume at this hour for the event's customer:
@@ -1417,11 +1427,13 @@ fn profile_ops(
         // over Cuba every day knows Cuba, whichever range.
         let fw = b.familiar_window_days * DAY;
         let fkey = format!("hd:{}", e.remote().country_code);
+        // One member per day, grouped by day, so the reader counts only
+        // days up to the event's own (a backfill has later days already).
         ops.push(Op::Mark {
             key: fkey.clone(),
-            group: String::new(),
-            id: day.to_string(),
-            ts: now,
+            group: day.to_string(),
+            id: "d".into(),
+            ts: e.start_time,
         });
         idx.familiar = Some(ops.len());
         ops.push(Op::Distinct {
@@ -1554,13 +1566,16 @@ fn expected(
     // a slot counts once it was known by then (a slot it was known at but
     // silent is a true zero). A peer group's slot counts when it had
     // members that day.
-    let first = active
+    // Only days up to today count (a backfill has later days already).
+    let past: Vec<i64> = active
         .by
         .iter()
         .filter(|(_, n)| **n > 0)
         .filter_map(|(d, _)| d.parse::<i64>().ok())
-        .min()?;
-    if !per_member && (active.by.len() as i64) < bl.min_active_days {
+        .filter(|d| *d <= today)
+        .collect();
+    let first = past.iter().copied().min()?;
+    if !per_member && (past.len() as i64) < bl.min_active_days {
         return None;
     }
     let known = |d: i64| {
