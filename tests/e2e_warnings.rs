@@ -13,12 +13,11 @@ mod pipeline;
 mod support;
 
 use std::collections::BTreeMap;
-use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
 use pipeline::*;
-use support::{Behaviour, Names, Notifier, Receiver, SECRET, wall_ms};
+use support::{Behaviour, Names, Notifier, Receiver, SECRET, mails, wall_ms};
 use tollguard_cli::simulate::Preset;
 use tollguard_proto::v1 as pb;
 use tollguard_proto::v1::alerts_client::AlertsClient;
@@ -39,46 +38,6 @@ fn req<T>(msg: T, provider: &str) -> Request<T> {
     r.metadata_mut()
         .insert("x-tollguard-identity", token(provider).parse().unwrap());
     r
-}
-
-/// Messages in the SMTP sink's maildir mentioning `needle`: (envelope
-/// recipient, file modification time in Unix millis, unfolded text).
-fn mails(maildir: &Path, needle: &str) -> Vec<(String, i64, String)> {
-    let Ok(rd) = std::fs::read_dir(maildir) else {
-        return Vec::new();
-    };
-    let mut out = Vec::new();
-    for e in rd.flatten() {
-        let p = e.path();
-        if p.extension().and_then(|x| x.to_str()) != Some("eml") {
-            continue;
-        }
-        let Ok(raw) = std::fs::read_to_string(&p) else {
-            continue;
-        };
-        let text = raw
-            .replace("=\r\n", "")
-            .replace("\r\n ", " ")
-            .replace("\r\n\t", " ")
-            .replace("\r\n", "\n");
-        if !text.contains(needle) {
-            continue;
-        }
-        let to = text
-            .lines()
-            .find_map(|l| l.strip_prefix("X-Envelope-To: "))
-            .unwrap_or_default()
-            .to_string();
-        let at = e
-            .metadata()
-            .and_then(|m| m.modified())
-            .ok()
-            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-            .map_or(0, |d| d.as_millis() as i64);
-        out.push((to, at, text));
-    }
-    out.sort();
-    out
 }
 
 /// Collects a carrier's `Watch` stream in the background: (wall-clock

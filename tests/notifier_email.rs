@@ -18,35 +18,10 @@ use tollguard_tests::*;
 /// The messages in the sink's maildir that mention `needle`:
 /// (envelope recipient, whole text with folded headers unfolded).
 fn mails(maildir: &Path, needle: &str) -> Vec<(String, String)> {
-    let Ok(rd) = std::fs::read_dir(maildir) else {
-        return Vec::new();
-    };
-    let mut out = Vec::new();
-    for e in rd.flatten() {
-        let p = e.path();
-        if p.extension().and_then(|x| x.to_str()) != Some("eml") {
-            continue;
-        }
-        let Ok(raw) = std::fs::read_to_string(&p) else {
-            continue;
-        };
-        let text = raw
-            .replace("=\r\n", "")
-            .replace("\r\n ", " ")
-            .replace("\r\n\t", " ")
-            .replace("\r\n", "\n");
-        if !text.contains(needle) {
-            continue;
-        }
-        let to = text
-            .lines()
-            .find_map(|l| l.strip_prefix("X-Envelope-To: "))
-            .unwrap_or_default()
-            .to_string();
-        out.push((to, text));
-    }
-    out.sort();
-    out
+    support::mails(maildir, needle)
+        .into_iter()
+        .map(|(to, _, text)| (to, text))
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -412,3 +412,46 @@ impl Notifier {
         format!("http://127.0.0.1:{}", self.grpc)
     }
 }
+
+// ---------------------------------------------------------------------------
+// The SMTP sink.
+
+/// Messages in the SMTP sink's maildir mentioning `needle`: (envelope
+/// recipient, file modification time in Unix millis, unfolded text).
+pub fn mails(maildir: &Path, needle: &str) -> Vec<(String, i64, String)> {
+    let Ok(rd) = std::fs::read_dir(maildir) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for e in rd.flatten() {
+        let p = e.path();
+        if p.extension().and_then(|x| x.to_str()) != Some("eml") {
+            continue;
+        }
+        let Ok(raw) = std::fs::read_to_string(&p) else {
+            continue;
+        };
+        let text = raw
+            .replace("=\r\n", "")
+            .replace("\r\n ", " ")
+            .replace("\r\n\t", " ")
+            .replace("\r\n", "\n");
+        if !text.contains(needle) {
+            continue;
+        }
+        let to = text
+            .lines()
+            .find_map(|l| l.strip_prefix("X-Envelope-To: "))
+            .unwrap_or_default()
+            .to_string();
+        let at = e
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map_or(0, |d| d.as_millis() as i64);
+        out.push((to, at, text));
+    }
+    out.sort();
+    out
+}
