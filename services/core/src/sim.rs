@@ -971,43 +971,80 @@ fn real_ties(g: &mut Gen, out: &mut SimOutput) {
     ));
 }
 
-/// Benign look-alike: a travel agency that books hotels in Cuba every
-/// working day, and on the Monday before the holiday season calls them five
-/// times as often, through both its carriers.
-fn holiday_peak(g: &mut Gen, out: &mut SimOutput) {
-    let sc = g.sc.clone();
-    let (a, b) = (carrier_index(&sc, "kpn"), carrier_index(&sc, "odido"));
-    let cust = "kvk:61230003";
-    let hotels: Vec<String> = (0..25).map(|_| g.number(&[("+537", 7)])).collect();
-    for day in 0..sc.days {
-        let weekday = (day + 2) % 7; // the scenario starts on a Wednesday
-        if matches!(weekday, 5 | 6) {
-            continue;
-        }
-        let n = if weekday == 0 { 60 } else { 12 };
+/// Working-day calls from an office's desks to a set of numbers abroad,
+/// through two carriers (the benign look-alikes below).
+struct DeskCalls<'a> {
+    customer: &'a str,
+    carriers: (usize, usize),
+    caller: &'a str,
+    desks: u32,
+    numbers: Vec<String>,
+    /// Local hours of the day the calls fall in.
+    hours: std::ops::Range<f64>,
+    answer_rate: f64,
+    mean_s: f64,
+    duration_s: (f64, f64),
+}
+
+impl DeskCalls<'_> {
+    /// `n` calls on `day`.
+    fn day(&self, g: &mut Gen, out: &mut SimOutput, day: u32, n: usize) {
+        let sc = g.sc.clone();
+        let (a, b) = self.carriers;
+        let line_prefix = self.customer.replace(':', "");
         for _ in 0..n {
-            let start = local(&sc, day, g.rng.random_range(9.0..17.5));
+            let start = local(&sc, day, g.rng.random_range(self.hours.clone()));
             let ci = if g.rng.random_bool(0.5) { a } else { b };
-            let callee = hotels[g.rng.random_range(0..hotels.len())].clone();
-            let answered = g.rng.random_bool(0.8);
+            let callee = self.numbers[g.rng.random_range(0..self.numbers.len())].clone();
+            let answered = g.rng.random_bool(self.answer_rate);
             let dur = if answered {
-                exp(&mut g.rng, 200.0).clamp(15.0, 1500.0).round()
+                exp(&mut g.rng, self.mean_s)
+                    .clamp(self.duration_s.0, self.duration_s.1)
+                    .round()
             } else {
                 0.0
             };
-            let line = format!("kvk61230003-desk-{}", g.rng.random_range(0..6));
+            let line = format!("{line_prefix}-desk-{}", g.rng.random_range(0..self.desks));
             g.call(
                 &mut out.records,
                 ci,
-                Some(cust),
+                Some(self.customer),
                 &line,
-                "+31205559200",
+                self.caller,
                 &callee,
                 start,
                 dur,
                 answered,
             );
         }
+    }
+}
+
+/// A weekend day of the scenario (it starts on a Wednesday).
+fn weekend(day: u32) -> bool {
+    matches!((day + 2) % 7, 5 | 6)
+}
+
+/// Benign look-alike: a travel agency that books hotels in Cuba every
+/// working day, and on the Monday before the holiday season calls them five
+/// times as often, through both its carriers.
+fn holiday_peak(g: &mut Gen, out: &mut SimOutput) {
+    let sc = g.sc.clone();
+    let cust = "kvk:61230003";
+    let desks = DeskCalls {
+        customer: cust,
+        carriers: (carrier_index(&sc, "kpn"), carrier_index(&sc, "odido")),
+        caller: "+31205559200",
+        desks: 6,
+        numbers: (0..25).map(|_| g.number(&[("+537", 7)])).collect(),
+        hours: 9.0..17.5,
+        answer_rate: 0.8,
+        mean_s: 200.0,
+        duration_s: (15.0, 1500.0),
+    };
+    for day in (0..sc.days).filter(|d| !weekend(*d)) {
+        let monday = (day + 2) % 7 == 0;
+        desks.day(g, out, day, if monday { 60 } else { 12 });
     }
     out.labels.push(label(
         "benign_lookalike",
@@ -1026,37 +1063,20 @@ fn holiday_peak(g: &mut Gen, out: &mut SimOutput) {
 /// through two carriers (a first day of setting up, then routine).
 fn new_branch_abroad(g: &mut Gen, out: &mut SimOutput) {
     let sc = g.sc.clone();
-    let (a, b) = (carrier_index(&sc, "vodafone"), carrier_index(&sc, "kpn"));
     let cust = "kvk:61230004";
-    let branch: Vec<String> = (0..4).map(|_| g.number(&[("+2521", 6)])).collect();
-    for day in 2..sc.days {
-        if matches!((day + 2) % 7, 5 | 6) {
-            continue;
-        }
-        let n = if day == 2 { 20 } else { 12 };
-        for _ in 0..n {
-            let start = local(&sc, day, g.rng.random_range(9.0..17.0));
-            let ci = if g.rng.random_bool(0.5) { a } else { b };
-            let callee = branch[g.rng.random_range(0..branch.len())].clone();
-            let answered = g.rng.random_bool(0.7);
-            let dur = if answered {
-                exp(&mut g.rng, 360.0).clamp(20.0, 2400.0).round()
-            } else {
-                0.0
-            };
-            let line = format!("kvk61230004-desk-{}", g.rng.random_range(0..5));
-            g.call(
-                &mut out.records,
-                ci,
-                Some(cust),
-                &line,
-                "+31205559300",
-                &callee,
-                start,
-                dur,
-                answered,
-            );
-        }
+    let desks = DeskCalls {
+        customer: cust,
+        carriers: (carrier_index(&sc, "vodafone"), carrier_index(&sc, "kpn")),
+        caller: "+31205559300",
+        desks: 5,
+        numbers: (0..4).map(|_| g.number(&[("+2521", 6)])).collect(),
+        hours: 9.0..17.0,
+        answer_rate: 0.7,
+        mean_s: 360.0,
+        duration_s: (20.0, 2400.0),
+    };
+    for day in (2..sc.days).filter(|d| !weekend(*d)) {
+        desks.day(g, out, day, if day == 2 { 20 } else { 12 });
     }
     out.labels.push(label(
         "benign_lookalike",
