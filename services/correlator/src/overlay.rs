@@ -5,20 +5,16 @@
 //! overlay keeps the policies in force (and is logged), never stops the
 //! correlator.
 
-use tollguard_core::StoreError;
-use tollguard_core::rules::config::{POLICY_OVERLAY, PolicyFile, PolicyOverlay};
+use tollguard_core::rules::config::{OverlayReadError, PolicyFile, PolicyOverlay};
 use tollguard_core::rules::{Policies, Policy};
-use tollguard_core::store::{Scope, WindowStore};
+use tollguard_core::store::WindowStore;
 
 /// Why the overlay could not be used.
 #[derive(Debug, thiserror::Error)]
 pub enum OverlayError {
-    /// The store failed.
-    #[error("policy overlay unavailable: {0}")]
-    Store(#[from] StoreError),
-    /// The stored value is not an overlay.
-    #[error("policy overlay is unreadable: {0}")]
-    Decode(String),
+    /// It could not be read.
+    #[error(transparent)]
+    Read(#[from] OverlayReadError),
     /// An entry is invalid.
     #[error("policy overlay entry {key}: {reason}")]
     Invalid {
@@ -35,17 +31,10 @@ pub async fn load(
     store: &dyn WindowStore,
     defaults: &Policy,
 ) -> Result<Option<(u64, Policies)>, OverlayError> {
-    let raw = store
-        .get_states(&[(Scope::Global, POLICY_OVERLAY.to_string())])
-        .await?
-        .into_iter()
-        .next()
-        .flatten();
-    let Some(raw) = raw else {
+    let (raw, o) = PolicyOverlay::read(store).await?;
+    if raw.is_none() {
         return Ok(None);
-    };
-    let o: PolicyOverlay =
-        serde_json::from_str(&raw).map_err(|e| OverlayError::Decode(e.to_string()))?;
+    }
     let file = PolicyFile { policy: o.policy };
     let p = Policies::resolve(&file, None, defaults).map_err(|e| OverlayError::Invalid {
         key: e.key,
@@ -111,8 +100,9 @@ impl Layered {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tollguard_core::rules::config::POLICY_OVERLAY;
     use tollguard_core::rules::config::PolicyEntry;
-    use tollguard_core::store::{MemoryStore, StateWrite};
+    use tollguard_core::store::{MemoryStore, Scope, StateWrite};
 
     fn tok(t: &str) -> tollguard_core::model::Token {
         let (k, v) = t.split_once(':').unwrap();

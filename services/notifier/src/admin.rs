@@ -8,7 +8,9 @@
 
 use std::sync::Arc;
 
-use tollguard_core::rules::config::{POLICY_OVERLAY, PolicyEntry, PolicyFile, PolicyOverlay};
+use tollguard_core::rules::config::{
+    OverlayReadError, POLICY_OVERLAY, PolicyEntry, PolicyFile, PolicyOverlay,
+};
 use tollguard_core::rules::{Policies, Policy};
 use tollguard_core::store::{Scope, StateWrite, WindowStore};
 use tollguard_proto::v1 as pb;
@@ -127,21 +129,12 @@ impl AdminService {
     }
 
     async fn read(&self) -> Result<(Option<String>, PolicyOverlay), Status> {
-        let raw = self
-            .store
-            .get_states(&[(Scope::Global, POLICY_OVERLAY.to_string())])
+        PolicyOverlay::read(&*self.store)
             .await
-            .map_err(|e| Status::unavailable(format!("policy store unavailable: {e}")))?
-            .into_iter()
-            .next()
-            .flatten();
-        let overlay = match &raw {
-            None => PolicyOverlay::default(),
-            Some(s) => serde_json::from_str(s).map_err(|e| {
-                Status::internal(format!("stored policy overlay is unreadable: {e}"))
-            })?,
-        };
-        Ok((raw, overlay))
+            .map_err(|e| match e {
+                OverlayReadError::Store(_) => Status::unavailable(e.to_string()),
+                OverlayReadError::Decode(_) => Status::internal(e.to_string()),
+            })
     }
 
     /// Applies `change` to the overlay with compare-and-set retries;

@@ -762,6 +762,40 @@ pub struct PolicyOverlay {
 /// State name of the [`PolicyOverlay`] in the global scope.
 pub const POLICY_OVERLAY: &str = "policy-overlay";
 
+/// Why the stored [`PolicyOverlay`] could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum OverlayReadError {
+    /// The store failed.
+    #[error("policy overlay unavailable: {0}")]
+    Store(#[from] crate::error::StoreError),
+    /// The stored value is not an overlay.
+    #[error("policy overlay is unreadable: {0}")]
+    Decode(String),
+}
+
+impl PolicyOverlay {
+    /// Reads the overlay from `store`: the raw stored value (the
+    /// expectation of a later compare-and-set; `None` when never set) and
+    /// its content (empty when never set).
+    pub async fn read(
+        store: &dyn crate::store::WindowStore,
+    ) -> Result<(Option<String>, PolicyOverlay), OverlayReadError> {
+        let raw = store
+            .get_states(&[(crate::store::Scope::Global, POLICY_OVERLAY.to_string())])
+            .await?
+            .into_iter()
+            .next()
+            .flatten();
+        let overlay = match &raw {
+            None => PolicyOverlay::default(),
+            Some(s) => {
+                serde_json::from_str(s).map_err(|e| OverlayReadError::Decode(e.to_string()))?
+            }
+        };
+        Ok((raw, overlay))
+    }
+}
+
 /// Business hours of a customer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BusinessHours {
