@@ -361,24 +361,21 @@ impl Embedded {
     /// record and the notifier every published alert (polls wait, so an
     /// empty poll is not the end); gives up after 60 s without progress.
     async fn drain_real(&mut self) -> Result<Vec<pb::Alert>, anyhow::Error> {
+        let Backend::Real {
+            mut consumed,
+            mut published,
+            mut received,
+        } = self.backend
+        else {
+            unreachable!("drain_real runs over the real backend only")
+        };
         let wait = Duration::from_millis(200);
         let stall = 300;
         let mut idle = 0;
-        loop {
-            let Backend::Real {
-                consumed,
-                published,
-                ..
-            } = &mut self.backend
-            else {
-                unreachable!()
-            };
-            if *consumed >= self.accepted {
-                break;
-            }
+        while consumed < self.accepted {
             let r = self.worker.step(2000, wait).await?;
-            *consumed += r.records as u64;
-            *published += r.alerts as u64;
+            consumed += r.records as u64;
+            published += r.alerts as u64;
             idle = if r.records == 0 { idle + 1 } else { 0 };
             if idle > stall {
                 anyhow::bail!(
@@ -389,20 +386,9 @@ impl Embedded {
         }
         let mut alerts = Vec::new();
         idle = 0;
-        loop {
-            let Backend::Real {
-                published,
-                received,
-                ..
-            } = &mut self.backend
-            else {
-                unreachable!()
-            };
-            if *received >= *published {
-                break;
-            }
+        while received < published {
             let a = self.notifier.step(1000, wait).await?;
-            *received += a.len() as u64;
+            received += a.len() as u64;
             idle = if a.is_empty() { idle + 1 } else { 0 };
             alerts.extend(a);
             if idle > stall {
@@ -411,6 +397,11 @@ impl Embedded {
                 );
             }
         }
+        self.backend = Backend::Real {
+            consumed,
+            published,
+            received,
+        };
         Ok(alerts)
     }
 
