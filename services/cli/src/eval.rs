@@ -206,7 +206,22 @@ pub async fn evaluate(args: &EvalArgs) -> anyhow::Result<Evaluation> {
     .await?;
     let now = chrono::Utc::now().timestamp_millis();
     let mut alerts = Vec::new();
-    for chunk in out.records.chunks(5000) {
+    // Over Kafka the partitions of one chunk are consumed in any order, so
+    // a chunk must span little event time (as a live feed would), else a
+    // carrier's events can be processed hours ahead of another's.
+    let span = match backend {
+        BackendOpts::Memory => i64::MAX,
+        BackendOpts::Real { .. } => 30 * 60_000,
+    };
+    let mut bounds = vec![0];
+    for (i, r) in out.records.iter().enumerate() {
+        let first = &out.records[*bounds.last().unwrap_or(&0)];
+        if i - bounds.last().unwrap_or(&0) >= 5000 || r.at - first.at >= span {
+            bounds.push(i);
+        }
+    }
+    bounds.push(out.records.len());
+    for chunk in bounds.windows(2).map(|w| &out.records[w[0]..w[1]]) {
         let recs: Vec<_> = chunk
             .iter()
             .enumerate()
