@@ -55,8 +55,6 @@ const KEY_PREFIX: &str = "kafka";
 const ADMIN_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// How long [`consume_all`] waits for more records once it is reading.
-const CONSUME_ALL_IDLE: Duration = Duration::from_secs(1);
-
 /// librdkafka properties that [`KafkaSettings::extra`] must not set: either
 /// the at-least-once / idempotence guarantees depend on them, or a dedicated
 /// field sets them (the value is that field, if any).
@@ -1305,6 +1303,30 @@ impl KafkaSubscription {
         .map_err(|e| unavailable("kafka consumer task", e))?
     }
 
+    /// The low and high watermarks (first retained offset, end offset) of
+    /// each of `partitions` of one topic, by partition; asks the broker.
+    pub async fn watermarks(
+        &self,
+        partitions: &[(String, i32)],
+        timeout: Duration,
+    ) -> Result<BTreeMap<i32, (i64, i64)>, BusError> {
+        let consumer = self.consumer()?.clone();
+        let partitions = partitions.to_vec();
+        tokio::task::spawn_blocking(move || {
+            partitions
+                .iter()
+                .map(|(t, p)| {
+                    consumer
+                        .fetch_watermarks(t, *p, timeout)
+                        .map(|w| (*p, w))
+                        .map_err(|e| unavailable("kafka watermarks", e))
+                })
+                .collect()
+        })
+        .await
+        .map_err(|e| unavailable("kafka consumer task", e))?
+    }
+
     /// The group's committed positions (next offset to consume) of the
     /// given partitions, `None` where nothing is committed; asks the broker.
     pub async fn committed_offsets(
@@ -1473,8 +1495,10 @@ impl Drop for KafkaSubscription {
 }
 
 /// Reads `topic` from the earliest offset with a fresh consumer group until
-/// no new record arrived for about a second (once partitions are assigned)
-/// or `timeout` passed; commits nothing. For tests and the CLI.
+/// every assigned partition has been read up to the end offset it had when
+/// the partitions were assigned, or `timeout` passed; commits nothing. For
+/// tests and the CLI. (An idle gap is no end signal: a fresh group's first
+/// fetch can take seconds on a loaded broker.)
 pub async fn consume_all(
     bootstrap: &str,
     topic: &str,
@@ -1491,24 +1515,33 @@ pub async fn consume_all(
     let mut sub = KafkaSubscription::create(&settings, &[topic], &group).await?;
     let deadline = Instant::now() + timeout;
     let mut out = Vec::new();
-    let mut last_progress: Option<Instant> = None;
+    // Per partition: (first retained, end) offsets; known once assigned.
+    let mut ends: Option<BTreeMap<i32, (i64, i64)>> = None;
+    let mut next: BTreeMap<i32, i64> = BTreeMap::new();
     loop {
         let now = Instant::now();
         if now >= deadline {
             break;
         }
-        let wait = (deadline - now).min(Duration::from_millis(200));
-        let batch = sub.poll(10_000, wait).await?;
-        if !batch.is_empty() {
-            out.extend(batch);
-            last_progress = Some(Instant::now());
-            continue;
+        if ends.is_none() {
+            let assigned = sub.assignment().await?;
+            if !assigned.is_empty() {
+                ends = Some(sub.watermarks(&assigned, deadline - now).await?);
+            }
         }
-        if last_progress.is_none() && !sub.assignment().await?.is_empty() {
-            last_progress = Some(Instant::now());
+        if let Some(ends) = &ends {
+            if ends
+                .iter()
+                .all(|(p, (low, end))| next.get(p).copied().unwrap_or(*low) >= *end)
+            {
+                break;
+            }
         }
-        if last_progress.is_some_and(|t| t.elapsed() >= CONSUME_ALL_IDLE) {
-            break;
+        let wait = (deadline - Instant::now()).min(Duration::from_millis(200));
+        for r in sub.poll(10_000, wait).await? {
+            let n = next.entry(r.partition).or_insert(0);
+            *n = (*n).max(r.offset + 1);
+            out.push(r);
         }
     }
     sub.close().await?;
