@@ -5,14 +5,10 @@
 //! notifications with a fault-free run of the same input (the embedded
 //! pipeline, or a second notifier that is left alone).
 //!
-//! Each case stops by itself within about a minute and uses its own topics,
-//! groups and key prefixes. The case that freezes the shared Kafka broker
-//! is `#[ignore]`d (it would stall every other test using the broker); run
-//! it alone with
-//!
-//! ```sh
-//! cargo test -p tollguard-tests --test faults -- --ignored --test-threads=1
-//! ```
+//! Each case stops by itself within about two minutes and uses its own
+//! topics, groups and key prefixes. The Kafka broker faults (SIGSTOP, then
+//! SIGKILL and restart) happen to a dedicated broker the test starts itself
+//! ([`Broker`]), never to the shared one other tests use at the same time.
 //!
 //! Lines starting `RELIABILITY` on stderr (`--nocapture`) are the measured
 //! figures quoted in RELIABILITY.md.
@@ -112,7 +108,7 @@ async fn wait_metric_at_least(ports: &[u16], name: &str, n: f64, within: Duratio
 /// client could not have caused, nothing in Kafka that was not
 /// acknowledged. Returns the verdict.
 async fn assert_ingest(stack: &Stack, hs: &[SendHistory], n: usize) -> IngestVerdict {
-    let kafka = events_in_kafka(&stack.calls).await;
+    let kafka = events_in_kafka_at(&stack.bootstrap, &stack.calls).await;
     let v = check_ingest(hs, &kafka);
     assert_eq!(v.acknowledged, n, "every record acknowledged in the end");
     assert!(v.lost.is_empty(), "acknowledged events lost: {:?}", v.lost);
@@ -512,21 +508,7 @@ async fn a_notifier_killed_mid_delivery_loses_and_duplicates_no_notification() {
 }
 
 // ---------------------------------------------------------------------------
-// Kafka broker frozen (shared broker: ignored by default).
-
-/// The broker's pid from the local services' state.
-fn broker_pid() -> u32 {
-    let state = std::env::var("TOLLGUARD_STATE").unwrap_or_else(|_| {
-        let cache = std::env::var("TOLLGUARD_CACHE")
-            .unwrap_or_else(|_| format!("{}/.cache/tollguard", std::env::var("HOME").unwrap()));
-        format!("{cache}/state")
-    });
-    std::fs::read_to_string(format!("{state}/kafka/kafka.pid"))
-        .expect("kafka.pid of deploy/local/services.sh")
-        .trim()
-        .parse()
-        .unwrap()
-}
+// Kafka broker frozen, then killed and restarted: a dedicated broker.
 
 fn signal(pid: u32, sig: &str) {
     let st = std::process::Command::new("kill")
@@ -536,7 +518,7 @@ fn signal(pid: u32, sig: &str) {
     assert!(st.success(), "kill {sig} {pid}");
 }
 
-/// The broker stopped with SIGSTOP; SIGCONT on drop (also on panic), and a
+/// A process stopped with SIGSTOP; SIGCONT on drop (also on panic), and a
 /// detached watchdog that sends SIGCONT after `max` even if this process
 /// dies first.
 struct Frozen(u32);
@@ -579,68 +561,255 @@ fn rss_kb(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
+fn acked(progress: &BTreeMap<String, Arc<AtomicUsize>>) -> usize {
+    progress.values().map(|p| p.load(Ordering::SeqCst)).sum()
+}
+
+/// Waits until some client got an acknowledgement after `since` (the
+/// acknowledged count grew past `from`); returns the time it took.
+async fn first_ack_after(
+    what: &str,
+    progress: &BTreeMap<String, Arc<AtomicUsize>>,
+    from: usize,
+    since: Instant,
+) -> Duration {
+    let p = progress.clone();
+    wait_for(what, Duration::from_secs(120), || {
+        let p = p.clone();
+        async move { (acked(&p) > from).then_some(()) }
+    })
+    .await;
+    since.elapsed()
+}
+
+/// Seconds the broker stays frozen (`TOLLGUARD_TEST_KAFKA_FREEZE_S`,
+/// default 30).
+fn freeze_for() -> Duration {
+    Duration::from_secs(
+        std::env::var("TOLLGUARD_TEST_KAFKA_FREEZE_S")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(30),
+    )
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "freezes the shared Kafka broker for 20 s; run alone: cargo test -p tollguard-tests --test faults -- --ignored --test-threads=1"]
-async fn a_frozen_kafka_broker_loses_nothing_acknowledged() {
+async fn a_frozen_then_killed_kafka_broker_loses_nothing_acknowledged() {
     let dir = tempfile::tempdir().unwrap();
     let (files, n) = scenario(dir.path());
-    let stack = Stack::start_without_notifier(dir.path()).await;
+    let mut broker = Broker::start(&dir.path().join("broker")).await;
+    let bootstrap = broker.bootstrap();
+    // Every publish is bounded: a record not acknowledged by the broker
+    // within 5 s fails, and the ingester answers UNAVAILABLE well within
+    // the client's 10 s deadline.
+    let bounded = vec![(
+        "TOLLGUARD__KAFKA__MESSAGE_TIMEOUT_MS".to_string(),
+        "5000".to_string(),
+    )];
+    let mut stack = Stack::start_ingesters_on(dir.path(), &bootstrap, &bounded).await;
+    stack.start_correlator(1).await;
+    let http = stack.correlator_http;
+    // A probe ingester of its own topic with a small producer queue (200
+    // records), flooded during the freeze by six concurrent clients: its
+    // queue fills, so it must answer RESOURCE_EXHAUSTED, and its memory
+    // must stay bounded.
+    let probe_topic = format!("{}.probe", stack.calls);
+    let probe_grpc = free_port();
+    let mut probe_env = bounded.clone();
+    probe_env.extend([
+        ("TOLLGUARD__TOPIC".to_string(), probe_topic.clone()),
+        (
+            "TOLLGUARD__KAFKA__QUEUE_BUFFERING_MAX_MESSAGES".to_string(),
+            "200".to_string(),
+        ),
+    ]);
+    let probe = stack
+        .spawn_ingester_with("ingester-probe", "kpn", probe_grpc, free_port(), &probe_env)
+        .await;
+    let probe_dir = dir.path().join("probe");
+    std::fs::create_dir_all(&probe_dir).unwrap();
+    let kpn_text = std::fs::read_to_string(files.join("kpn.jsonl")).unwrap();
+    let kpn_lines: Vec<&str> = kpn_text.lines().take(1200).collect();
+    let probe_files: Vec<PathBuf> = kpn_lines
+        .chunks(200)
+        .enumerate()
+        .map(|(i, c)| {
+            let f = probe_dir.join(format!("probe-{i}.jsonl"));
+            std::fs::write(&f, c.join("\n") + "\n").unwrap();
+            f
+        })
+        .collect();
+
+    let kpn_total = lines(&files, "kpn");
     let (tasks, progress) = send_everything(
         &stack,
         &files,
-        100,
-        Duration::from_millis(20),
-        Duration::from_secs(120),
+        50,
+        Duration::from_millis(100),
+        Duration::from_secs(300),
     );
     wait_progress(
-        "kpn's client to be a quarter through",
+        "kpn's client to be a fifth through",
         &progress["kpn"],
-        lines(&files, "kpn") / 4,
+        kpn_total / 5,
     )
     .await;
+
+    // Phase 1: SIGSTOP.
     let pids: Vec<u32> = stack
         .ingesters
         .iter()
         .map(|(_, _, p)| p.child.id())
+        .chain([probe.child.id()])
         .collect();
-    let rss_before: u64 = pids.iter().map(|p| rss_kb(*p)).sum();
-    let acked_before: usize = progress.values().map(|p| p.load(Ordering::SeqCst)).sum();
-    let stop = Duration::from_secs(20);
-    let mut rss_peak = rss_before;
-    {
-        let _frozen = Frozen::new(broker_pid(), stop);
+    let rss_before: Vec<u64> = pids.iter().map(|p| rss_kb(*p)).collect();
+    let mut rss_peak = rss_before.clone();
+    let stop = freeze_for();
+    let probe_progress = Arc::new(AtomicUsize::new(0));
+    let (acked_settled, acked_end, probe_acked_frozen, probe_tasks, frozen_at) = {
+        let frozen = Frozen::new(broker.pid(), stop);
         let t = Instant::now();
+        let probe_tasks: Vec<JoinHandle<SendHistory>> = probe_files
+            .iter()
+            .map(|f| {
+                tokio::spawn(send_tracked(
+                    format!("http://127.0.0.1:{probe_grpc}"),
+                    "kpn".into(),
+                    f.clone(),
+                    50,
+                    Duration::ZERO,
+                    Duration::from_secs(300),
+                    probe_progress.clone(),
+                ))
+            })
+            .collect();
+        // Replies the broker had sent before it stopped arrive at once.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let settled = acked(&progress);
+        let probe_settled = probe_progress.load(Ordering::SeqCst);
         while t.elapsed() < stop {
-            rss_peak = rss_peak.max(pids.iter().map(|p| rss_kb(*p)).sum());
+            for (i, p) in pids.iter().enumerate() {
+                rss_peak[i] = rss_peak[i].max(rss_kb(*p));
+            }
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
-    }
-    let acked_during: usize = progress
-        .values()
-        .map(|p| p.load(Ordering::SeqCst))
-        .sum::<usize>()
-        - acked_before;
-    let resumed = Instant::now();
-    let hs = histories(tasks).await;
-    let v = assert_ingest(&stack, &hs, n).await;
-    let in_kafka: usize = events_in_kafka(&stack.calls).await.values().sum();
+        let end = acked(&progress);
+        let probe_frozen = probe_progress.load(Ordering::SeqCst) - probe_settled;
+        drop(frozen);
+        (settled, end, probe_frozen, probe_tasks, t.elapsed())
+    };
+    let cont = Instant::now();
+    assert_eq!(
+        acked_end, acked_settled,
+        "events acknowledged while the broker was frozen"
+    );
+    assert_eq!(
+        probe_acked_frozen, 0,
+        "the probe ingester acknowledged while the broker was frozen"
+    );
+    let events_at_cont = metric(http, "tollguard_correlator_events_total").await;
+    let clients_back = first_ack_after(
+        "an acknowledgement after SIGCONT",
+        &progress,
+        acked_end,
+        cont,
+    )
+    .await;
     wait_metric_at_least(
-        &[stack.correlator_http],
+        &[http],
         "tollguard_correlator_events_total",
-        in_kafka as f64,
+        events_at_cont + 1.0,
         Duration::from_secs(120),
     )
     .await;
-    stack.wait_group_caught_up(Duration::from_secs(60)).await;
-    let caught_up = resumed.elapsed();
+    let correlator_back = cont.elapsed();
+    let probe_hs = histories(probe_tasks).await;
+
+    // Phase 2: SIGKILL, restart on the same log directory.
+    let before_kill = acked(&progress);
+    let at_kill = progress["kpn"].load(Ordering::SeqCst);
+    assert!(
+        at_kill < kpn_total,
+        "the senders finished before the kill: no load to kill under"
+    );
+    broker.kill9();
+    let killed = Instant::now();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let t = Instant::now();
+    broker.restart().await;
+    let broker_restart = t.elapsed();
+    let clients_back_kill = first_ack_after(
+        "an acknowledgement after the restart",
+        &progress,
+        before_kill,
+        killed,
+    )
+    .await;
+
+    // History: clients against the calls topic, the probe's against its own.
+    let hs = histories(tasks).await;
+    let v = assert_ingest(&stack, &hs, n).await;
+    let codes = failures(&hs);
+    assert!(
+        hs.iter().any(|h| h.failures.contains_key("Unavailable")),
+        "no ingester answered UNAVAILABLE while the broker was down: {codes}"
+    );
+    let pv = check_ingest(
+        &probe_hs,
+        &events_in_kafka_at(&bootstrap, &probe_topic).await,
+    );
+    assert_eq!(pv.acknowledged, kpn_lines.len(), "{pv:?}");
+    assert!(pv.lost.is_empty(), "{pv:?}");
+    assert!(pv.unexplained_duplicates.is_empty(), "{pv:?}");
+    assert_eq!(pv.unacknowledged, 0, "{pv:?}");
+    let probe_codes = failures(&probe_hs);
+    assert!(
+        probe_hs
+            .iter()
+            .any(|h| h.failures.contains_key("ResourceExhausted")),
+        "the probe ingester's full queue never answered RESOURCE_EXHAUSTED: {probe_codes}"
+    );
+    // Memory: the producer queue bounds what an ingester holds.
+    for (i, p) in pids.iter().enumerate() {
+        let grew = rss_peak[i].saturating_sub(rss_before[i]);
+        assert!(
+            grew < 64 * 1024,
+            "ingester pid {p} grew {grew} kB while the broker was frozen"
+        );
+    }
+
+    let in_kafka: usize = events_in_kafka_at(&bootstrap, &stack.calls)
+        .await
+        .values()
+        .sum();
+    wait_metric_at_least(
+        &[http],
+        "tollguard_correlator_events_total",
+        in_kafka as f64,
+        Duration::from_secs(180),
+    )
+    .await;
+    stack.wait_group_caught_up(Duration::from_secs(90)).await;
+    let lag_zero = killed.elapsed();
+    let dups = metric(http, "tollguard_correlator_duplicate_events_total").await;
     let (crit, alerts) = assert_incidents(&stack, &files).await;
     eprintln!(
-        "RELIABILITY kafka-sigstop-20s: acknowledged={} lost={} in_kafka_twice={} acked_while_frozen={acked_during} failed_attempts={} \
-         client_outage={:?} senders_done_and_lag_zero_after_sigcont={caught_up:?} ingesters_rss_kb {rss_before}->{rss_peak} critical={crit} alerts={alerts}",
+        "RELIABILITY kafka-sigstop-{}s: acknowledged={} lost={} in_kafka_twice={} acked_while_frozen=0 (from 3 s in) \
+         clients={codes} probe(queue 200, 6 clients)={probe_codes} probe_acknowledged={} probe_lost={} probe_in_kafka_twice={} \
+         ingesters_rss_kb {rss_before:?}->{rss_peak:?} frozen={frozen_at:?} first_ack_after_sigcont={clients_back:?} \
+         correlator_resumed_after_sigcont={correlator_back:?}",
+        stop.as_secs(),
         v.acknowledged,
         v.lost.len(),
         v.duplicated,
-        failures(&hs),
+        pv.acknowledged,
+        pv.lost.len(),
+        pv.duplicated,
+    );
+    eprintln!(
+        "RELIABILITY kafka-sigkill: killed_at kpn {at_kill}/{kpn_total} broker_restart_to_ready={broker_restart:?} (after 2 s down) \
+         first_ack_after_kill={clients_back_kill:?} lag_zero_after_kill={lag_zero:?} correlator_duplicates_dropped={dups} \
+         client_outage={:?} critical={crit} alerts={alerts}",
         outage(&hs),
     );
 }

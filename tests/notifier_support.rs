@@ -212,6 +212,8 @@ pub enum Behaviour {
     Always(u16),
     /// Sleeps, then 200.
     Slow(Duration),
+    /// `status` until the instant, then 200.
+    FailUntil(Instant, u16),
 }
 
 /// One request as received.
@@ -286,6 +288,13 @@ async fn receive(
             tokio::time::sleep(*d).await;
             200
         }
+        Behaviour::FailUntil(t, st) => {
+            if Instant::now() < *t {
+                *st
+            } else {
+                200
+            }
+        }
     };
     {
         let mut log = s.log.lock().unwrap();
@@ -308,6 +317,29 @@ impl Receiver {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Self { addr, state }
+    }
+
+    /// A receiver that is down: nothing listens on its port (connections
+    /// are refused) for `refuse`; then it listens and behaves as `then`
+    /// (e.g. [`Behaviour::FailUntil`] a later instant, or `Always(503)`).
+    pub async fn start_down(refuse: Duration, then: Behaviour) -> Self {
+        let state = Arc::new(RxState {
+            behaviour: then,
+            secret: SECRET.as_bytes().to_vec(),
+            log: Mutex::new(Vec::new()),
+        });
+        let addr: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+        let app = Router::new()
+            .route("/hook", post(receive))
+            .with_state(state.clone());
+        tokio::spawn(async move {
+            tokio::time::sleep(refuse).await;
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .unwrap_or_else(|e| panic!("receiver could not listen on {addr}: {e}"));
             let _ = axum::serve(listener, app).await;
         });
         Self { addr, state }

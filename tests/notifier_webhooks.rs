@@ -486,3 +486,234 @@ async fn a_private_target_is_refused_at_delivery_time() {
 async fn ledger_of(topic: &str) -> Vec<pb::DeliveryRecord> {
     ledger(topic).await.into_iter().map(|(_, _, r)| r).collect()
 }
+
+/// The outage of the webhook-down test (`TOLLGUARD_TEST_WEBHOOK_OUTAGE_S`,
+/// default 60 s; set e.g. 300 for minutes: the retry schedule scales).
+fn outage() -> Duration {
+    Duration::from_secs(
+        std::env::var("TOLLGUARD_TEST_WEBHOOK_OUTAGE_S")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(60),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_webhook_down_for_minutes_is_served_after_it_returns_and_one_down_past_the_horizon_is_dead_lettered()
+ {
+    let dir = tempfile::tempdir().unwrap();
+    let names = Names::new("nwdown");
+    create_topic(&names.alerts, 1).await;
+    // Down for `d`: the first half nothing listens (connection refused),
+    // the second half a real HTTP server answers 503; then 200. The other
+    // endpoint refuses for the first half, then 503s for ever.
+    let d = outage();
+    let refuse = d / 2;
+    let t0 = Instant::now();
+    let back_at = t0 + d;
+    let recovering = Receiver::start_down(refuse, Behaviour::FailUntil(back_at, 503)).await;
+    let down = Receiver::start_down(refuse, Behaviour::Always(503)).await;
+    // Retry schedule matched to the outage: backoff capped at a tenth of
+    // it, horizon the outage plus three caps, attempts never the limit.
+    let cap = (d / 10).clamp(Duration::from_secs(2), Duration::from_secs(30));
+    let horizon = d + 3 * cap;
+    let ms = |x: Duration| x.as_millis().to_string();
+    let text = [webhook("kpn", &recovering, 1), webhook("bt", &down, 1)].concat();
+    let cfile = contacts(dir.path(), &text);
+    let n = Notifier::start(
+        dir.path(),
+        "notifier",
+        &names,
+        &[
+            ("TOLLGUARD__CONTACTS_FILE", cfile.display().to_string()),
+            ("TOLLGUARD__RETRY__MAX_ATTEMPTS", "100".into()),
+            ("TOLLGUARD__RETRY__INITIAL_BACKOFF_MS", "1000".into()),
+            ("TOLLGUARD__RETRY__MAX_BACKOFF_MS", ms(cap)),
+            ("TOLLGUARD__RETRY__HORIZON_MS", ms(horizon)),
+            ("TOLLGUARD__WEBHOOKS__CONNECT_TIMEOUT_MS", "2000".into()),
+            ("TOLLGUARD__WEBHOOKS__TIMEOUT_MS", "5000".into()),
+        ],
+    )
+    .await;
+    let cust = "00112233445566778899aabbccddeeff";
+    publish(
+        &names.alerts,
+        &[alert(
+            "inc-down",
+            1,
+            pb::Severity::Critical,
+            &["kpn", "bt"],
+            cust,
+        )],
+    )
+    .await;
+    let published = Instant::now();
+
+    // kpn: delivered once, after the endpoint came back, within one backoff
+    // cap of it.
+    let got = wait_for(
+        "the recovering endpoint's delivery",
+        d + 2 * cap + Duration::from_secs(30),
+        || {
+            let r = recovering.clone();
+            async move {
+                let v = r.for_incident("inc-down");
+                v.iter().any(|x| x.status == 200 && x.finished).then_some(v)
+            }
+        },
+    )
+    .await;
+    let ok: Vec<&Received> = got.iter().filter(|x| x.status == 200).collect();
+    assert_eq!(ok.len(), 1, "one delivery");
+    assert!(
+        ok[0].at >= back_at,
+        "delivered before the endpoint was back"
+    );
+    let delivered_after_back = ok[0].at - back_at;
+    assert!(
+        delivered_after_back <= cap + Duration::from_secs(5),
+        "delivered {delivered_after_back:?} after the endpoint came back (backoff cap {cap:?})"
+    );
+    let rx_503 = got.iter().filter(|x| x.status == 503).count();
+    assert!(rx_503 > 0, "no attempt during the 503 phase: {got:?}");
+    let ids: std::collections::BTreeSet<&String> = got
+        .iter()
+        .map(|x| &x.headers["tollguard-delivery"])
+        .collect();
+    assert_eq!(ids.len(), 1, "one delivery id over all attempts: {ids:?}");
+    assert!(got.iter().all(|x| x.signature_ok.is_ok()));
+
+    // bt: dead-lettered once the next attempt would start past the horizon,
+    // with every attempt in its history.
+    let dl = wait_for(
+        "the dead letter of the endpoint that stays down",
+        horizon + Duration::from_secs(60),
+        || {
+            let t = names.dlq.clone();
+            async move {
+                let v = dead_letters(&t).await;
+                (!v.is_empty()).then_some(v)
+            }
+        },
+    )
+    .await;
+    let dead_lettered_after = published.elapsed();
+    assert_eq!(dl.len(), 1, "{dl:?}");
+    let bt = &dl[0];
+    assert_eq!(
+        (bt.incident_id.as_str(), bt.audience.as_str()),
+        ("inc-down", "carrier:bt")
+    );
+    assert_eq!(bt.target, down.url());
+    assert!(bt.reason.contains("retry horizon"), "{}", bt.reason);
+    assert_eq!(
+        bt.attempts.iter().map(|a| a.attempt).collect::<Vec<_>>(),
+        (1..=bt.attempts.len() as u32).collect::<Vec<_>>()
+    );
+    let refused = bt
+        .attempts
+        .iter()
+        .filter(|a| a.response_code == 0 && a.error.contains("connection failed"))
+        .count();
+    let dl_503 = bt
+        .attempts
+        .iter()
+        .filter(|a| a.response_code == 503)
+        .count();
+    assert!(refused > 0 && dl_503 > 0, "{:?}", bt.attempts);
+    assert_eq!(refused + dl_503, bt.attempts.len(), "{:?}", bt.attempts);
+    assert_eq!(
+        dl_503,
+        down.for_incident("inc-down").len(),
+        "the dead letter's 503s are the requests the endpoint saw"
+    );
+    let first = bt.attempts[0].at.unwrap();
+    let last = bt.attempts.last().unwrap().at.unwrap();
+    let span_ms =
+        (last.seconds - first.seconds) * 1000 + i64::from(last.nanos - first.nanos) / 1_000_000;
+    assert!(
+        span_ms <= horizon.as_millis() as i64,
+        "an attempt started {span_ms} ms after the first (horizon {horizon:?})"
+    );
+    assert!(metric(n.http, "tollguard_notifier_dead_letters_total").await >= 1.0);
+
+    // The ledger holds every attempt of both; nothing is left unsettled.
+    use pb::DeliveryStatus as S;
+    let recs = wait_for("the ledger", Duration::from_secs(30), || {
+        let t = names.deliveries.clone();
+        async move {
+            let r = ledger_of(&t).await;
+            (r.iter().any(|x| x.status == S::DeadLettered as i32)
+                && r.iter().any(|x| x.status == S::Delivered as i32))
+            .then_some(r)
+        }
+    })
+    .await;
+    let of = |aud: &str| -> Vec<&pb::DeliveryRecord> {
+        recs.iter()
+            .filter(|r| r.incident_id == "inc-down" && r.audience == aud)
+            .collect()
+    };
+    let kpn = of("carrier:kpn");
+    let kpn_attempts = kpn.len();
+    assert_eq!(
+        kpn.iter().map(|r| r.attempt).collect::<Vec<_>>(),
+        (1..=kpn_attempts as u32).collect::<Vec<_>>(),
+        "one ledger record per attempt"
+    );
+    assert_eq!(kpn.last().unwrap().status, S::Delivered as i32);
+    assert!(
+        kpn[..kpn_attempts - 1]
+            .iter()
+            .all(|r| r.status == S::Retrying as i32)
+    );
+    let kpn_refused = kpn.iter().filter(|r| r.response_code == 0).count();
+    let kpn_503 = kpn.iter().filter(|r| r.response_code == 503).count();
+    assert!(kpn_refused > 0, "no refused connection in the ledger");
+    assert_eq!(kpn_503, rx_503, "the ledger's 503s are the endpoint's");
+    assert_eq!(kpn_refused + kpn_503 + 1, kpn_attempts);
+    let btl = of("carrier:bt");
+    assert_eq!(btl.len(), bt.attempts.len() + 1, "attempts + dead letter");
+    assert_eq!(btl.last().unwrap().status, S::DeadLettered as i32);
+    assert_eq!(
+        btl[btl.len() - 2].status,
+        S::Failed as i32,
+        "the last attempt is marked failed"
+    );
+    // audit show: every attempt counted, both outcomes, chain intact.
+    let (code, out) = audit_run(audit::AuditCmd::Show {
+        incident: "inc-down".into(),
+        kafka: kafka(),
+        topic: names.deliveries.clone(),
+        timeout_s: 60,
+    })
+    .await;
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("chain intact"), "{out}");
+    let line = |aud: &str| {
+        out.lines()
+            .find(|l| l.contains(aud))
+            .unwrap_or_default()
+            .to_string()
+    };
+    assert!(
+        line("carrier:kpn").contains("delivered")
+            && line("carrier:kpn").contains(&format!("after {kpn_attempts} attempt(s)")),
+        "{out}"
+    );
+    assert!(
+        line("carrier:bt").contains("dead_lettered")
+            && line("carrier:bt").contains(&format!("after {} attempt(s)", bt.attempts.len())),
+        "{out}"
+    );
+    let (code, out) = audit_run(verify_cmd(&names.deliveries)).await;
+    assert_eq!(code, 0, "{out}");
+    eprintln!(
+        "RELIABILITY webhook-down-{}s: recovering endpoint delivered once {delivered_after_back:?} after it came back, \
+         after {kpn_attempts} attempts ({kpn_refused} refused connections, {kpn_503} × 503); endpoint down past the \
+         {horizon:?} horizon dead-lettered {dead_lettered_after:?} after publication with {} attempts ({refused} refused, \
+         {dl_503} × 503); backoff cap {cap:?}; ledger intact, every attempt in it",
+        d.as_secs(),
+        bt.attempts.len(),
+    );
+}

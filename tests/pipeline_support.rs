@@ -30,6 +30,9 @@ pub const CARRIERS: [(&str, &str); 4] = [
 
 pub struct Stack {
     pub dir: PathBuf,
+    /// The Kafka bootstrap the stack's services use (the shared broker, or
+    /// a test's own [`Broker`]).
+    pub bootstrap: String,
     pub key: PathBuf,
     pub policies: PathBuf,
     pub calls: String,
@@ -52,8 +55,19 @@ pub fn common_env(dir: &Path) -> Vec<(String, String)> {
 }
 
 impl Stack {
-    pub fn correlator_env(&self) -> Vec<(String, String)> {
+    /// [`common_env`] with the stack's own Kafka bootstrap.
+    pub fn base_env(&self) -> Vec<(String, String)> {
         let mut env = common_env(&self.dir);
+        for (k, v) in &mut env {
+            if k == "TOLLGUARD__KAFKA__BOOTSTRAP" {
+                v.clone_from(&self.bootstrap);
+            }
+        }
+        env
+    }
+
+    pub fn correlator_env(&self) -> Vec<(String, String)> {
+        let mut env = self.base_env();
         env.extend([
             (
                 "TOLLGUARD__LISTEN__HTTP".into(),
@@ -123,12 +137,23 @@ impl Stack {
     /// Ingesters for every carrier only; the caller starts the
     /// correlator(s) it needs ([`Stack::spawn_correlator`]).
     pub async fn start_ingesters(dir: &Path) -> Stack {
+        Stack::start_ingesters_on(dir, &kafka(), &[]).await
+    }
+
+    /// Ingesters for every carrier on the broker at `bootstrap`, with
+    /// `extra` environment overrides (e.g. producer queue and timeouts).
+    pub async fn start_ingesters_on(
+        dir: &Path,
+        bootstrap: &str,
+        extra: &[(String, String)],
+    ) -> Stack {
         let key = key_file(dir);
         let policies = dir.join("policies.toml");
         std::fs::write(&policies, VICTIM_POLICY).unwrap();
         let id = unique("e2e");
         let mut s = Stack {
             dir: dir.to_path_buf(),
+            bootstrap: bootstrap.to_string(),
             key,
             policies,
             calls: format!("tgtest.{id}.calls"),
@@ -143,7 +168,13 @@ impl Stack {
         for (provider, _) in CARRIERS {
             let grpc = free_port();
             let p = s
-                .spawn_ingester(&format!("ingester-{provider}"), provider, grpc, free_port())
+                .spawn_ingester_with(
+                    &format!("ingester-{provider}"),
+                    provider,
+                    grpc,
+                    free_port(),
+                    extra,
+                )
                 .await;
             s.ingesters.push((provider.to_string(), grpc, p));
         }
@@ -156,7 +187,7 @@ impl Stack {
             .iter()
             .find(|(p, _)| *p == provider)
             .map_or("NL", |(_, c)| *c);
-        let mut env = common_env(&self.dir);
+        let mut env = self.base_env();
         env.extend([
             ("TOLLGUARD__PROVIDER_ID".into(), provider.into()),
             ("TOLLGUARD__DIAL_PLAN__HOME_COUNTRY".into(), country.into()),
@@ -183,13 +214,22 @@ impl Stack {
     /// Starts an ingester for `provider` (another one, or a restart on the
     /// same ports) logging to `<name>.log`, and waits until it is ready.
     pub async fn spawn_ingester(&self, name: &str, provider: &str, grpc: u16, http: u16) -> Proc {
-        let p = Proc::spawn(
-            &self.dir,
-            name,
-            &bin("tollguard-ingester"),
-            &[],
-            &self.ingester_env(provider, grpc, http),
-        );
+        self.spawn_ingester_with(name, provider, grpc, http, &[])
+            .await
+    }
+
+    /// [`Stack::spawn_ingester`] with `extra` environment overrides.
+    pub async fn spawn_ingester_with(
+        &self,
+        name: &str,
+        provider: &str,
+        grpc: u16,
+        http: u16,
+        extra: &[(String, String)],
+    ) -> Proc {
+        let mut env = self.ingester_env(provider, grpc, http);
+        env.extend(extra.iter().cloned());
+        let p = Proc::spawn(&self.dir, name, &bin("tollguard-ingester"), &[], &env);
         wait_ready(&p, http, Duration::from_secs(60)).await;
         p
     }
@@ -218,13 +258,17 @@ impl Stack {
     /// Waits until the correlator group has committed every record of the
     /// calls topic.
     pub async fn wait_group_caught_up(&self, within: Duration) {
-        let (g, c) = (self.group.clone(), self.calls.clone());
+        let (b, g, c) = (
+            self.bootstrap.clone(),
+            self.group.clone(),
+            self.calls.clone(),
+        );
         wait_for(
             "the correlator group to commit every record",
             within,
             || {
-                let (g, c) = (g.clone(), c.clone());
-                async move { (group_lag(&g, &c) == Some(0)).then_some(()) }
+                let (b, g, c) = (b.clone(), g.clone(), c.clone());
+                async move { (group_lag_at(&b, &g, &c) == Some(0)).then_some(()) }
             },
         )
         .await;
@@ -306,7 +350,7 @@ impl Stack {
     }
 
     pub async fn alerts(&self) -> Vec<pb::Alert> {
-        consume_all(&kafka(), &self.alerts, Duration::from_secs(20))
+        consume_all(&self.bootstrap, &self.alerts, Duration::from_secs(20))
             .await
             .unwrap()
             .iter()
@@ -556,8 +600,13 @@ pub async fn send_tracked(
 
 /// Copies of each (provider, event id) on the calls topic `topic`.
 pub async fn events_in_kafka(topic: &str) -> BTreeMap<(String, String), usize> {
+    events_in_kafka_at(&kafka(), topic).await
+}
+
+/// [`events_in_kafka`] on the broker at `bootstrap`.
+pub async fn events_in_kafka_at(bootstrap: &str, topic: &str) -> BTreeMap<(String, String), usize> {
     let mut m = BTreeMap::new();
-    for r in consume_all(&kafka(), topic, Duration::from_secs(30))
+    for r in consume_all(bootstrap, topic, Duration::from_secs(30))
         .await
         .unwrap()
     {
@@ -618,4 +667,223 @@ pub fn check_ingest(
     }
     v.unacknowledged = kafka.keys().filter(|k| !acked.contains(*k)).count();
     v
+}
+
+// ---------------------------------------------------------------------------
+// A test's own Kafka broker: for faults that must not touch the shared one.
+
+/// A dedicated single-node KRaft broker (broker and controller in one JVM)
+/// of one test, from the jars `deploy/local/services.sh` installed
+/// (`TOLLGUARD_KAFKA_HOME`), configured like the shared broker but on its
+/// own loopback ports with its log directory under the test's temporary
+/// directory. Killed on drop; a detached watchdog also kills it (SIGKILL
+/// works on a stopped process too) once the test process is gone, so a
+/// killed test run leaves no broker behind.
+pub struct Broker {
+    /// Data, configuration and logs.
+    pub dir: PathBuf,
+    /// Client port.
+    pub port: u16,
+    /// Controller port.
+    pub cport: u16,
+    proc: Option<Proc>,
+    starts: usize,
+}
+
+fn kafka_home() -> PathBuf {
+    PathBuf::from(env("TOLLGUARD_KAFKA_HOME"))
+}
+
+/// Kafka's text form of a random UUID (URL-safe base64, no padding).
+fn kafka_uuid() -> String {
+    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let b: [u8; 16] = rand::random();
+    let mut out = String::new();
+    let mut bits = 0u32;
+    let mut n = 0;
+    for byte in b {
+        bits = (bits << 8) | u32::from(byte);
+        n += 8;
+        while n >= 6 {
+            n -= 6;
+            out.push(A[((bits >> n) & 63) as usize] as char);
+        }
+    }
+    out.push(A[((bits << (6 - n)) & 63) as usize] as char);
+    out
+}
+
+/// True when the broker at `bootstrap` answers a metadata request.
+pub async fn broker_answers(bootstrap: &str) -> bool {
+    let b = bootstrap.to_string();
+    tokio::task::spawn_blocking(move || {
+        use rdkafka::ClientConfig;
+        use rdkafka::consumer::{BaseConsumer, Consumer};
+        let Ok(c) = ClientConfig::new()
+            .set("bootstrap.servers", &b)
+            .create::<BaseConsumer>()
+        else {
+            return false;
+        };
+        c.fetch_metadata(None, Duration::from_secs(2))
+            .is_ok_and(|m| !m.brokers().is_empty())
+    })
+    .await
+    .unwrap_or(false)
+}
+
+impl Broker {
+    /// Formats the storage in `dir` and starts the broker; waits until it
+    /// answers (at most 120 s: a JVM on a loaded 2-core machine).
+    pub async fn start(dir: &Path) -> Broker {
+        std::fs::create_dir_all(dir.join("logs")).unwrap();
+        let (port, cport) = (free_port(), free_port());
+        let props = dir.join("server.properties");
+        std::fs::write(
+            &props,
+            format!(
+                "process.roles=broker,controller\nnode.id=1\n\
+                 controller.quorum.voters=1@127.0.0.1:{cport}\n\
+                 listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{cport}\n\
+                 advertised.listeners=PLAINTEXT://127.0.0.1:{port}\n\
+                 listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT\n\
+                 inter.broker.listener.name=PLAINTEXT\ncontroller.listener.names=CONTROLLER\n\
+                 log.dirs={}\nnum.partitions=4\ndefault.replication.factor=1\nmin.insync.replicas=1\n\
+                 auto.create.topics.enable=true\ndelete.topic.enable=true\n\
+                 offsets.topic.replication.factor=1\noffsets.topic.num.partitions=4\n\
+                 transaction.state.log.replication.factor=1\ntransaction.state.log.min.isr=1\n\
+                 transaction.state.log.num.partitions=4\n\
+                 share.coordinator.state.topic.replication.factor=1\n\
+                 share.coordinator.state.topic.min.isr=1\n\
+                 group.initial.rebalance.delay.ms=0\nnum.network.threads=2\nnum.io.threads=2\n\
+                 num.recovery.threads.per.data.dir=1\nlog.retention.hours=24\n\
+                 log.segment.bytes=67108864\n",
+                dir.join("data").display()
+            ),
+        )
+        .unwrap();
+        let home = kafka_home();
+        let out = Command::new("java")
+            .args([
+                "-Xmx256m",
+                "-XX:+UseSerialGC",
+                &format!(
+                    "-Dlog4j2.configurationFile={}",
+                    home.join("config/tools-log4j2.properties").display()
+                ),
+                "-cp",
+                &format!("{}/libs/*", home.display()),
+                "kafka.tools.StorageTool",
+                "format",
+                "-t",
+                &kafka_uuid(),
+                "-c",
+                props.to_str().unwrap(),
+            ])
+            .output()
+            .expect("java (Kafka's StorageTool)");
+        assert!(
+            out.status.success(),
+            "formatting the dedicated broker's storage failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let mut b = Broker {
+            dir: dir.to_path_buf(),
+            port,
+            cport,
+            proc: None,
+            starts: 0,
+        };
+        b.launch();
+        b.wait_ready(Duration::from_secs(120)).await;
+        b
+    }
+
+    fn launch(&mut self) {
+        self.starts += 1;
+        let home = kafka_home();
+        let p = Proc::spawn(
+            &self.dir,
+            &format!("broker-{}", self.starts),
+            Path::new("java"),
+            &[
+                "-Xmx384m",
+                "-Xms128m",
+                "-XX:+UseG1GC",
+                "-XX:MaxGCPauseMillis=20",
+                "-XX:+ExitOnOutOfMemoryError",
+                "-Djava.awt.headless=true",
+                &format!("-Dkafka.logs.dir={}", self.dir.join("logs").display()),
+                &format!(
+                    "-Dlog4j2.configurationFile={}",
+                    home.join("config/log4j2.properties").display()
+                ),
+                "-cp",
+                &format!("{}/libs/*", home.display()),
+                "kafka.Kafka",
+                self.dir.join("server.properties").to_str().unwrap(),
+            ],
+            &[],
+        );
+        // Watchdog: kills this broker once the test process is gone.
+        let (me, pid) = (std::process::id(), p.child.id());
+        let st = Command::new("setsid")
+            .args([
+                "-f",
+                "sh",
+                "-c",
+                &format!(
+                    "while kill -0 {me} 2>/dev/null; do sleep 2; done; \
+                     grep -q kafka.Kafka /proc/{pid}/cmdline 2>/dev/null && kill -9 {pid}"
+                ),
+            ])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .expect("broker watchdog");
+        assert!(st.success(), "could not start the broker watchdog");
+        self.proc = Some(p);
+    }
+
+    /// `127.0.0.1:<port>`.
+    pub fn bootstrap(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// The broker's pid (the JVM).
+    pub fn pid(&self) -> u32 {
+        self.proc.as_ref().expect("broker running").child.id()
+    }
+
+    /// Waits until the broker answers a metadata request.
+    pub async fn wait_ready(&self, within: Duration) {
+        let b = self.bootstrap();
+        let log = self.dir.join("logs/server.log");
+        wait_for(
+            &format!("the dedicated broker on {b} (log: {})", log.display()),
+            within,
+            || {
+                let b = b.clone();
+                async move { broker_answers(&b).await.then_some(()) }
+            },
+        )
+        .await;
+    }
+
+    /// SIGKILL (no controlled shutdown, no flush) and wait for the exit.
+    pub fn kill9(&mut self) {
+        if let Some(mut p) = self.proc.take() {
+            p.kill9();
+        }
+    }
+
+    /// Starts the broker again on the same ports and log directory (after
+    /// [`Broker::kill9`]); waits until it answers.
+    pub async fn restart(&mut self) {
+        assert!(self.proc.is_none(), "the broker is still running");
+        self.launch();
+        self.wait_ready(Duration::from_secs(120)).await;
+    }
 }

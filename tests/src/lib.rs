@@ -209,10 +209,15 @@ pub fn key_file(dir: &Path) -> PathBuf {
 
 /// Records of `topic` not yet committed by consumer group `group`.
 pub fn group_lag(group: &str, topic: &str) -> Option<i64> {
+    group_lag_at(&kafka(), group, topic)
+}
+
+/// [`group_lag`] on the broker at `bootstrap`.
+pub fn group_lag_at(bootstrap: &str, group: &str, topic: &str) -> Option<i64> {
     use rdkafka::consumer::{BaseConsumer, Consumer};
     use rdkafka::{ClientConfig, Offset, TopicPartitionList};
     let c: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", kafka())
+        .set("bootstrap.servers", bootstrap)
         .set("group.id", group)
         .create()
         .ok()?;
