@@ -641,11 +641,12 @@ async fn a_frozen_then_killed_kafka_broker_loses_nothing_acknowledged() {
         .collect();
 
     let kpn_total = lines(&files, "kpn");
+    // Paced so that the senders are still busy at the kill after the freeze.
     let (tasks, progress) = send_everything(
         &stack,
         &files,
         50,
-        Duration::from_millis(100),
+        Duration::from_millis(250),
         Duration::from_secs(300),
     );
     wait_progress(
@@ -791,7 +792,9 @@ async fn a_frozen_then_killed_kafka_broker_loses_nothing_acknowledged() {
     .await;
     stack.wait_group_caught_up(Duration::from_secs(90)).await;
     let lag_zero = killed.elapsed();
-    let dups = metric(http, "tollguard_correlator_duplicate_events_total").await;
+    // Events of batches retried while the broker was away: re-applied,
+    // recognised by event id, changed nothing.
+    let reapplied = metric(http, "tollguard_correlator_duplicate_events_total").await;
     let (crit, alerts) = assert_incidents(&stack, &files).await;
     eprintln!(
         "RELIABILITY kafka-sigstop-{}s: acknowledged={} lost={} in_kafka_twice={} acked_while_frozen=0 (from 3 s in) \
@@ -808,8 +811,180 @@ async fn a_frozen_then_killed_kafka_broker_loses_nothing_acknowledged() {
     );
     eprintln!(
         "RELIABILITY kafka-sigkill: killed_at kpn {at_kill}/{kpn_total} broker_restart_to_ready={broker_restart:?} (after 2 s down) \
-         first_ack_after_kill={clients_back_kill:?} lag_zero_after_kill={lag_zero:?} correlator_duplicates_dropped={dups} \
+         first_ack_after_kill={clients_back_kill:?} lag_zero_after_kill={lag_zero:?} correlator_reapplied_events={reapplied} \
          client_outage={:?} critical={crit} alerts={alerts}",
         outage(&hs),
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Redis Cluster: a primary killed under load, its replica takes over.
+
+/// Window store calls slower than the histogram's largest finite bucket
+/// (~3.3 s), over all operations: `+Inf` minus that bucket.
+async fn slow_store_calls(port: u16) -> f64 {
+    let Some((200, body)) = http_get(port, "/metrics").await else {
+        return 0.0;
+    };
+    // labels without `le` → (largest finite le, its count, +Inf count)
+    let mut m: BTreeMap<String, (f64, f64, f64)> = BTreeMap::new();
+    for l in body.lines() {
+        let Some(rest) = l.strip_prefix("tollguard_window_store_request_seconds_bucket{") else {
+            continue;
+        };
+        let Some((labels, value)) = rest.rsplit_once("} ") else {
+            continue;
+        };
+        let Ok(v) = value.trim().parse::<f64>() else {
+            continue;
+        };
+        let (mut le, mut others) = (None, Vec::new());
+        for kv in labels.split(',') {
+            match kv.strip_prefix("le=") {
+                Some(x) => le = Some(x.trim_matches('"').to_string()),
+                None => others.push(kv),
+            }
+        }
+        let e = m.entry(others.join(",")).or_insert((f64::MIN, 0.0, 0.0));
+        match le.as_deref() {
+            Some("+Inf") => e.2 = v,
+            Some(x) => {
+                if let Ok(b) = x.parse::<f64>()
+                    && b > e.0
+                {
+                    (e.0, e.1) = (b, v);
+                }
+            }
+            None => {}
+        }
+    }
+    m.values().map(|(_, finite, inf)| inf - finite).sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_cluster_primary_killed_under_load_fails_over_to_its_replica() {
+    let dir = tempfile::tempdir().unwrap();
+    let (files, n) = scenario(dir.path());
+    let mut cluster = RedisCluster::start(&dir.path().join("cluster"), 3).await;
+    let stack = Stack::start_ingesters(dir.path()).await;
+    let http = free_port();
+    let _c = stack
+        .spawn_correlator("correlator", http, &cluster.correlator_env())
+        .await;
+    let (tasks, _) = send_everything(
+        &stack,
+        &files,
+        100,
+        Duration::from_millis(30),
+        Duration::from_secs(180),
+    );
+    wait_metric_at_least(
+        &[http],
+        "tollguard_correlator_events_total",
+        (n / 3) as f64,
+        Duration::from_secs(90),
+    )
+    .await;
+    // The victim: primary 0, holding a third of the slots (its window keys).
+    let victim = 0;
+    assert_eq!(cluster.role(victim).as_deref(), Some("master"));
+    let replica = cluster.replica_of(victim).expect("primary 0 has a replica");
+    let keys_before = redis_cli(cluster.ports[victim], &["dbsize"]);
+    // Bytes the replica had not yet received just before the kill: the
+    // writes asynchronous replication can lose (an upper bound: the
+    // replica's own offset is read first, the primary's just after).
+    let offset = |port: u16, field: &str| -> i64 {
+        info_field(&redis_cli(port, &["info", "replication"]), field)
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    let replica_off = offset(cluster.ports[replica], "slave_repl_offset");
+    let master_off = offset(cluster.ports[victim], "master_repl_offset");
+    let slow_before = slow_store_calls(http).await;
+    let errors_before = metric(http, "tollguard_window_store_errors_total").await;
+    let events_before = metric(http, "tollguard_correlator_events_total").await;
+    cluster.kill9(victim);
+    let down = Instant::now();
+    // Watch the correlator and the cluster until the replica is primary and
+    // the correlator processes again.
+    let mut not_ready_after: Option<Duration> = None;
+    let mut promoted_after: Option<Duration> = None;
+    let (mut last_events, mut last_change, mut stall) = (events_before, down, Duration::ZERO);
+
+    let ready_again_after = loop {
+        let ready = ready_status(http).await;
+        if ready != Some(200) && not_ready_after.is_none() {
+            not_ready_after = Some(down.elapsed());
+        }
+        if promoted_after.is_none() && cluster.role(replica).as_deref() == Some("master") {
+            promoted_after = Some(down.elapsed());
+        }
+        let events = metric(http, "tollguard_correlator_events_total").await;
+        if events > last_events {
+            stall = stall.max(last_change.elapsed());
+            (last_events, last_change) = (events, Instant::now());
+        }
+        if promoted_after.is_some() && ready == Some(200) && events > events_before {
+            break down.elapsed();
+        }
+        assert!(
+            down.elapsed() < Duration::from_secs(60),
+            "no recovery within 60 s of the kill: ready={ready:?} promoted={promoted_after:?} events {events_before}->{events}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let store_errors = metric(http, "tollguard_window_store_errors_total").await - errors_before;
+    let slow = slow_store_calls(http).await - slow_before;
+    eprintln!(
+        "redis-cluster-failover: readiness_false_after={not_ready_after:?} store_errors={store_errors} \
+         replica_promoted_after={promoted_after:?} processing_and_ready_again_after={ready_again_after:?} \
+         longest_processing_stall={stall:?} store_calls_over_3.3s={slow}"
+    );
+    // Visible: readiness false and a store error once a call outlives the
+    // client's 10 s response timeout; a shorter stall shows as store calls
+    // in the histogram's overflow bucket.
+    assert!(
+        not_ready_after.is_some() || store_errors > 0.0 || slow > 0.0,
+        "the failover was invisible: readiness stayed 200, no store error, no slow store call"
+    );
+    // The old primary comes back and rejoins as its replica's replica.
+    cluster.restart(victim).await;
+    let back = Instant::now();
+    let vp = cluster.ports[victim];
+    wait_for(
+        "the restarted node to rejoin as a replica, in sync",
+        Duration::from_secs(60),
+        || async move {
+            let r = redis_cli(vp, &["info", "replication"]);
+            (info_field(&r, "role").as_deref() == Some("slave")
+                && info_field(&r, "master_link_status").as_deref() == Some("up"))
+            .then_some(())
+        },
+    )
+    .await;
+    let rejoined = back.elapsed();
+
+    let hs = histories(tasks).await;
+    let v = assert_ingest(&stack, &hs, n).await;
+    let in_kafka: usize = events_in_kafka(&stack.calls).await.values().sum();
+    wait_metric_at_least(
+        &[http],
+        "tollguard_correlator_events_total",
+        in_kafka as f64,
+        Duration::from_secs(120),
+    )
+    .await;
+    stack.wait_group_caught_up(Duration::from_secs(60)).await;
+    let (crit, alerts) = assert_incidents(&stack, &files).await;
+    eprintln!(
+        "RELIABILITY redis-cluster-failover: acknowledged={} lost={} keys_on_victim={} unreplicated_bytes_at_kill={} \
+         readiness_false_after={not_ready_after:?} store_errors={store_errors} replica_promoted_after={promoted_after:?} \
+         processing_and_ready_again_after={ready_again_after:?} longest_processing_stall={stall:?} \
+         store_calls_over_3.3s={slow} old_primary_rejoined_as_replica_after={rejoined:?} \
+         critical={crit} alerts={alerts}",
+        v.acknowledged,
+        v.lost.len(),
+        keys_before.trim(),
+        master_off - replica_off,
     );
 }

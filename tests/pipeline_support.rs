@@ -887,3 +887,172 @@ impl Broker {
         self.wait_ready(Duration::from_secs(120)).await;
     }
 }
+
+// ---------------------------------------------------------------------------
+// A test's own Redis Cluster with replicas: for node failures that must not
+// touch the shared cluster of `services.sh` (three primaries, no replicas).
+
+/// `redis-cli -p <port> <args…>` output (empty when it fails).
+pub fn redis_cli(port: u16, args: &[&str]) -> String {
+    Command::new("redis-cli")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+        .args(args)
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).replace('\r', ""))
+        .unwrap_or_default()
+}
+
+/// A field of `INFO`/`CLUSTER INFO` output.
+pub fn info_field(text: &str, field: &str) -> Option<String> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{field}:")))
+        .map(|v| v.trim().to_string())
+}
+
+/// A Redis Cluster of `primaries` primaries with one replica each, every
+/// node a private `redis-server` (no persistence, like the shared cluster;
+/// `cluster-node-timeout` 2 s so a replica takes over quickly), each in its
+/// own directory (its `nodes.conf` survives a kill, so a restarted node
+/// rejoins). Killed on drop.
+pub struct RedisCluster {
+    pub dir: PathBuf,
+    /// Client port of each node, in creation order: the first `primaries`
+    /// start as primaries.
+    pub ports: Vec<u16>,
+    nodes: Vec<Option<Proc>>,
+    starts: usize,
+}
+
+impl RedisCluster {
+    pub async fn start(dir: &Path, primaries: usize) -> RedisCluster {
+        let n = primaries * 2;
+        let ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
+        let mut c = RedisCluster {
+            dir: dir.to_path_buf(),
+            ports,
+            nodes: (0..n).map(|_| None).collect(),
+            starts: 0,
+        };
+        for i in 0..n {
+            c.launch(i);
+        }
+        for p in &c.ports {
+            wait_redis(*p, Duration::from_secs(20)).await;
+        }
+        let addrs: Vec<String> = c.ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+        let out = Command::new("redis-cli")
+            .arg("--cluster")
+            .arg("create")
+            .args(&addrs)
+            .args(["--cluster-replicas", "1", "--cluster-yes"])
+            .output()
+            .expect("redis-cli --cluster create");
+        assert!(
+            out.status.success(),
+            "cluster create failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let ports = c.ports.clone();
+        wait_for(
+            "the dedicated cluster to be ok on every node, replicas in sync",
+            Duration::from_secs(60),
+            || {
+                let ports = ports.clone();
+                async move {
+                    let ok = ports.iter().all(|p| {
+                        info_field(&redis_cli(*p, &["cluster", "info"]), "cluster_state").as_deref()
+                            == Some("ok")
+                    });
+                    let synced = ports.iter().all(|p| {
+                        let i = redis_cli(*p, &["info", "replication"]);
+                        info_field(&i, "role").as_deref() == Some("master")
+                            || info_field(&i, "master_link_status").as_deref() == Some("up")
+                    });
+                    (ok && synced).then_some(())
+                }
+            },
+        )
+        .await;
+        c
+    }
+
+    fn launch(&mut self, i: usize) {
+        self.starts += 1;
+        let d = self.dir.join(format!("node{i}"));
+        std::fs::create_dir_all(&d).unwrap();
+        let port = self.ports[i].to_string();
+        let dir_s = d.display().to_string();
+        let args = [
+            "--port",
+            &port,
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            &dir_s,
+            "--cluster-enabled",
+            "yes",
+            "--cluster-config-file",
+            "nodes.conf",
+            "--cluster-node-timeout",
+            "2000",
+        ];
+        self.nodes[i] = Some(Proc::spawn(
+            &d,
+            &format!("redis-{}", self.starts),
+            Path::new("redis-server"),
+            &args,
+            &[],
+        ));
+    }
+
+    /// `redis://127.0.0.1:<port>/` of every node.
+    pub fn urls(&self) -> Vec<String> {
+        self.ports
+            .iter()
+            .map(|p| format!("redis://127.0.0.1:{p}/"))
+            .collect()
+    }
+
+    /// The correlator's override that puts its windows on this cluster.
+    pub fn correlator_env(&self) -> Vec<(String, String)> {
+        let nodes: Vec<String> = self.urls().iter().map(|u| format!("\"{u}\"")).collect();
+        vec![(
+            "TOLLGUARD__REDIS__CLUSTER_NODES".into(),
+            format!("[{}]", nodes.join(",")),
+        )]
+    }
+
+    /// Node `i`'s replication role (`master`/`slave`), None if it does not
+    /// answer.
+    pub fn role(&self, i: usize) -> Option<String> {
+        info_field(&redis_cli(self.ports[i], &["info", "replication"]), "role")
+    }
+
+    /// The index of node `i`'s replica (a node whose master is `i`).
+    pub fn replica_of(&self, i: usize) -> Option<usize> {
+        (0..self.ports.len()).find(|&j| {
+            let r = redis_cli(self.ports[j], &["info", "replication"]);
+            info_field(&r, "role").as_deref() == Some("slave")
+                && info_field(&r, "master_port").as_deref() == Some(&self.ports[i].to_string())
+        })
+    }
+
+    /// SIGKILL node `i`.
+    pub fn kill9(&mut self, i: usize) {
+        if let Some(mut p) = self.nodes[i].take() {
+            p.kill9();
+        }
+    }
+
+    /// Starts node `i` again on its port and directory.
+    pub async fn restart(&mut self, i: usize) {
+        assert!(self.nodes[i].is_none(), "node {i} still running");
+        self.launch(i);
+        wait_redis(self.ports[i], Duration::from_secs(20)).await;
+    }
+}
