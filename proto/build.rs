@@ -15,6 +15,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "tollguard/v1/admin.proto",
     ];
     tonic_prost_build::configure()
+        // Undecodable requests are INVALID_ARGUMENT naming the field
+        // (src/codec.rs), not tonic-prost's INTERNAL.
+        .codec_path("crate::codec::StrictProstCodec")
         .file_descriptor_set_path(out.join("tollguard_descriptor.bin"))
         .compile_protos(&protos, &["."])?;
     for p in protos {

@@ -385,12 +385,35 @@ async fn hostile_records_get_clear_errors_and_the_service_keeps_serving() {
         )
         .await
         .unwrap_err();
+    assert_eq!(st.code(), Code::InvalidArgument, "{st:?}");
     assert!(
-        matches!(st.code(), Code::Internal | Code::InvalidArgument),
-        "{st:?}"
+        st.message().contains("field records.caller") && st.message().contains("UTF-8"),
+        "{}",
+        st.message()
     );
+    // The same on the `Publish` stream: the stream ends with the status.
+    let bad = BytesRequest {
+        batch_id: 4,
+        records: vec![BytesRecord {
+            provider_id: "kpn".into(),
+            event_id: "utf8-stream".into(),
+            caller: vec![0xc3, 0x28],
+        }],
+    };
+    grpc.ready().await.unwrap();
+    let mut acks = grpc
+        .streaming::<_, BytesRequest, pb::PublishAck, _>(
+            tonic::Request::new(tokio_stream::iter(vec![bad])),
+            "/tollguard.v1.Ingest/Publish".parse().unwrap(),
+            tonic_prost::ProstCodec::default(),
+        )
+        .await
+        .unwrap()
+        .into_inner();
+    let st = acks.message().await.unwrap_err();
+    assert_eq!(st.code(), Code::InvalidArgument, "{st:?}");
     assert!(
-        st.message().contains("caller") && st.message().contains("UTF-8"),
+        st.message().contains("field records.caller"),
         "{}",
         st.message()
     );
@@ -506,4 +529,108 @@ async fn no_secret_appears_in_the_notifiers_logs() {
             &s[..4]
         );
     }
+}
+
+/// `AcknowledgeRequest` with `incident_id` as raw bytes.
+#[derive(Clone, PartialEq, prost::Message)]
+struct BytesAcknowledge {
+    #[prost(bytes = "vec", tag = "1")]
+    incident_id: Vec<u8>,
+}
+
+/// `SetPolicyRequest` whose policy's `customer_token` is raw bytes.
+#[derive(Clone, PartialEq, prost::Message)]
+struct BytesSetPolicy {
+    #[prost(message, optional, tag = "1")]
+    policy: Option<BytesPolicy>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct BytesPolicy {
+    #[prost(bytes = "vec", tag = "1")]
+    customer_token: Vec<u8>,
+}
+
+/// Sends `req` to `path` as the operator and returns the refusal.
+async fn undecodable<M: prost::Message + Send + Sync + 'static>(
+    endpoint: &str,
+    token: &str,
+    path: &'static str,
+    req: M,
+) -> tonic::Status {
+    let mut grpc = tonic::client::Grpc::new(
+        tonic::transport::Endpoint::from_shared(endpoint.to_string())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap(),
+    );
+    grpc.ready().await.unwrap();
+    let mut r = tonic::Request::new(req);
+    r.metadata_mut()
+        .insert("x-tollguard-identity", token.parse().unwrap());
+    grpc.unary::<M, pb::AcknowledgeResponse, _>(
+        r,
+        path.parse().unwrap(),
+        tonic_prost::ProstCodec::default(),
+    )
+    .await
+    .unwrap_err()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn undecodable_alerts_and_admin_requests_are_invalid_argument_naming_the_field() {
+    const TOKEN: &str = "tok-operator-utf8-0123456789";
+    let dir = tempfile::tempdir().unwrap();
+    let names = support::Names::new("utf8");
+    support::create_topic(&names.alerts, 1).await;
+    let tokens = dir.path().join("tokens.toml");
+    std::fs::write(&tokens, format!("\"{TOKEN}\" = \"operator\"\n")).unwrap();
+    let n = support::Notifier::start(
+        dir.path(),
+        "notifier",
+        &names,
+        &[("TOLLGUARD__API__TOKENS_FILE", tokens.display().to_string())],
+    )
+    .await;
+    let st = undecodable(
+        &n.endpoint(),
+        TOKEN,
+        "/tollguard.v1.Alerts/Acknowledge",
+        BytesAcknowledge {
+            incident_id: vec![b'i', 0xff, b'd'],
+        },
+    )
+    .await;
+    assert_eq!(st.code(), Code::InvalidArgument, "{st:?}");
+    assert!(
+        st.message().contains("field incident_id") && st.message().contains("UTF-8"),
+        "{}",
+        st.message()
+    );
+    let st = undecodable(
+        &n.endpoint(),
+        TOKEN,
+        "/tollguard.v1.Admin/SetPolicy",
+        BytesSetPolicy {
+            policy: Some(BytesPolicy {
+                customer_token: vec![b'k', b'1', b':', 0xc0, 0xaf],
+            }),
+        },
+    )
+    .await;
+    assert_eq!(st.code(), Code::InvalidArgument, "{st:?}");
+    assert!(
+        st.message().contains("field policy.customer_token") && st.message().contains("UTF-8"),
+        "{}",
+        st.message()
+    );
+    // The API keeps serving: a well-formed call from the same operator.
+    let mut c = tollguard_proto::v1::alerts_client::AlertsClient::connect(n.endpoint())
+        .await
+        .unwrap();
+    let mut r = tonic::Request::new(pb::ListRequest::default());
+    r.metadata_mut()
+        .insert("x-tollguard-identity", TOKEN.parse().unwrap());
+    c.list(r).await.unwrap();
 }

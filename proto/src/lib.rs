@@ -9,6 +9,8 @@
     missing_debug_implementations
 )]
 
+pub mod codec;
+
 /// Package `tollguard.v1`.
 pub mod v1 {
     tonic::include_proto!("tollguard.v1");
