@@ -67,6 +67,11 @@ impl Ca {
         self.issue(&["localhost"], "tollguard test server", true)
     }
 
+    /// A server certificate for `sans` (DNS names or IP addresses).
+    pub fn server_for(&self, sans: &[&str]) -> Pem {
+        self.issue(sans, "tollguard test server", true)
+    }
+
     /// A client certificate with SAN DNS names `sans` and subject CN `cn`.
     pub fn client(&self, sans: &[&str], cn: &str) -> Pem {
         self.issue(sans, cn, false)

@@ -42,6 +42,26 @@ pub struct RedisConfig {
     /// window store runs on the cluster and `url` is not used.
     #[serde(default)]
     pub cluster_nodes: Vec<String>,
+    /// `[redis.tls]`: CA and client certificate for `rediss://` (SECURITY.md).
+    #[serde(default)]
+    pub tls: tollguard_runtime::redis_tls::RedisTls,
+}
+
+impl RedisConfig {
+    /// Loads `[redis.tls]` for the URLs in use (`cluster_nodes`, else
+    /// `url`); `None` without TLS files. Errors name the key.
+    pub fn load_tls(
+        &self,
+    ) -> Result<Option<tollguard_runtime::redis_tls::RedisTlsCerts>, ConfigError> {
+        let urls: Vec<(String, &str)> = if self.cluster_nodes.is_empty() {
+            vec![("redis.url".into(), self.url.as_str())]
+        } else {
+            (self.cluster_nodes.iter().enumerate())
+                .map(|(i, n)| (format!("redis.cluster_nodes[{i}]"), n.as_str()))
+                .collect()
+        };
+        self.tls.load("redis.tls", &urls)
+    }
 }
 
 fn default_redis() -> String {
@@ -57,6 +77,7 @@ impl Default for RedisConfig {
             url: default_redis(),
             key_prefix: default_prefix(),
             cluster_nodes: Vec::new(),
+            tls: Default::default(),
         }
     }
 }

@@ -18,6 +18,7 @@ use tollguard_runtime::config::{exit_config, load, read_file as read};
 use tollguard_runtime::health::{self, Health};
 use tollguard_runtime::kafka::KafkaBus;
 use tollguard_runtime::redis_store::RedisStore;
+use tollguard_runtime::redis_tls::RedisTlsCerts;
 use tollguard_runtime::store_metrics::MeteredStore;
 use tollguard_runtime::{shutdown, telemetry};
 
@@ -66,6 +67,7 @@ fn main() {
     telemetry::init("correlator");
     let cfg: CorrelatorConfig = load(args.config.as_deref()).unwrap_or_else(|e| exit_config(&e));
     let det = detector(&cfg).unwrap_or_else(|e| exit_config(&e));
+    let redis_tls = cfg.redis.load_tls().unwrap_or_else(|e| exit_config(&e));
     if args.check_config {
         println!("configuration ok: correlator in group {}", cfg.group);
         return;
@@ -74,7 +76,7 @@ fn main() {
         .enable_all()
         .build()
         .expect("tokio runtime");
-    if let Err(e) = rt.block_on(run(cfg, det)) {
+    if let Err(e) = rt.block_on(run(cfg, det, redis_tls)) {
         tracing::error!(error = %e, "correlator failed");
         telemetry::shutdown();
         std::process::exit(1);
@@ -83,7 +85,11 @@ fn main() {
     telemetry::shutdown();
 }
 
-async fn run(cfg: CorrelatorConfig, det: Detector) -> anyhow::Result<()> {
+async fn run(
+    cfg: CorrelatorConfig,
+    det: Detector,
+    redis_tls: Option<RedisTlsCerts>,
+) -> anyhow::Result<()> {
     let stop = shutdown::on_signal();
     let health = Health::new("tollguard");
     let metrics = health.with_registry(Metrics::register);
@@ -99,9 +105,14 @@ async fn run(cfg: CorrelatorConfig, det: Detector) -> anyhow::Result<()> {
     // Connect to Redis, retrying until it answers or we are told to stop.
     let store: Arc<dyn WindowStore> = loop {
         let connected = if cfg.redis.cluster_nodes.is_empty() {
-            RedisStore::connect(&cfg.redis.url, &cfg.redis.key_prefix).await
+            RedisStore::connect_tls(&cfg.redis.url, &cfg.redis.key_prefix, redis_tls.as_ref()).await
         } else {
-            RedisStore::connect_cluster(&cfg.redis.cluster_nodes, &cfg.redis.key_prefix).await
+            RedisStore::connect_cluster_tls(
+                &cfg.redis.cluster_nodes,
+                &cfg.redis.key_prefix,
+                redis_tls.as_ref(),
+            )
+            .await
         };
         match connected {
             Ok(s) => break Arc::new(s),

@@ -62,6 +62,22 @@ pub struct RedisConfig {
     /// Prefix of every key (the correlator's, so the hot list is shared).
     #[serde(default = "default_prefix")]
     pub key_prefix: String,
+    /// `[redis.tls]`: CA and client certificate for `rediss://` (SECURITY.md).
+    #[serde(default)]
+    pub tls: tollguard_runtime::redis_tls::RedisTls,
+}
+
+impl RedisConfig {
+    /// Loads `[redis.tls]` for `url`; `None` without TLS files. Errors
+    /// name the key.
+    pub fn load_tls(
+        &self,
+    ) -> Result<Option<tollguard_runtime::redis_tls::RedisTlsCerts>, ConfigError> {
+        let urls: Vec<(String, &str)> = (self.url.iter())
+            .map(|u| ("redis.url".to_string(), u.as_str()))
+            .collect();
+        self.tls.load("redis.tls", &urls)
+    }
 }
 
 fn default_prefix() -> String {
@@ -73,6 +89,7 @@ impl Default for RedisConfig {
         Self {
             url: None,
             key_prefix: default_prefix(),
+            tls: Default::default(),
         }
     }
 }

@@ -50,6 +50,8 @@ struct Loaded {
     webhooks: WebhookClient,
     /// TLS of the Alerts API (certificates loaded and checked).
     security: tollguard_runtime::tls::GrpcSecurity,
+    /// `[redis.tls]` certificates (files loaded and checked).
+    redis_tls: Option<tollguard_runtime::redis_tls::RedisTlsCerts>,
 }
 
 fn load_all(mut cfg: NotifierConfig) -> Result<Loaded, ConfigError> {
@@ -73,6 +75,7 @@ fn load_all(mut cfg: NotifierConfig) -> Result<Loaded, ConfigError> {
         Duration::from_millis(cfg.webhooks.connect_timeout_ms),
     )
     .map_err(|e| ConfigError::new("webhooks", e))?;
+    let redis_tls = cfg.redis.load_tls()?;
     let security = if cfg.listen.grpc.is_some() {
         cfg.tls.load()?
     } else {
@@ -84,6 +87,7 @@ fn load_all(mut cfg: NotifierConfig) -> Result<Loaded, ConfigError> {
         mailer,
         webhooks,
         security,
+        redis_tls,
     })
 }
 
@@ -140,6 +144,7 @@ async fn run(l: Loaded) -> anyhow::Result<()> {
         mailer,
         webhooks,
         security,
+        redis_tls,
     } = l;
     let stop = shutdown::on_signal();
     let health = Health::new("tollguard");
@@ -156,7 +161,8 @@ async fn run(l: Loaded) -> anyhow::Result<()> {
         Some(url) => {
             health.set("redis", Some("connecting".into()));
             loop {
-                match RedisStore::connect(url, &cfg.redis.key_prefix).await {
+                match RedisStore::connect_tls(url, &cfg.redis.key_prefix, redis_tls.as_ref()).await
+                {
                     Ok(s) => break Arc::new(s),
                     Err(e) => {
                         health.set("redis", Some(e.to_string()));

@@ -12,6 +12,7 @@ pub mod kafka;
 pub mod lag;
 pub mod otel;
 pub mod redis_store;
+pub mod redis_tls;
 pub mod shutdown;
 pub mod store_metrics;
 pub mod telemetry;

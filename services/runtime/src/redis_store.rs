@@ -675,7 +675,21 @@ impl RedisStore {
     /// Connects to one Redis node (one multiplexed, auto-reconnecting
     /// connection) and loads the scripts. `prefix` starts every key (`tg:`).
     pub async fn connect(url: &str, prefix: &str) -> Result<Self, StoreError> {
-        let client = redis::Client::open(url).map_err(store_err)?;
+        Self::connect_tls(url, prefix, None).await
+    }
+
+    /// [`RedisStore::connect`] with the certificates of `[redis.tls]` for a
+    /// `rediss://` URL (`None`: the system trust store, or plain `redis://`).
+    pub async fn connect_tls(
+        url: &str,
+        prefix: &str,
+        tls: Option<&crate::redis_tls::RedisTlsCerts>,
+    ) -> Result<Self, StoreError> {
+        let client = match tls {
+            Some(t) => redis::Client::build_with_tls(url, t.0.clone()),
+            None => redis::Client::open(url),
+        }
+        .map_err(store_err)?;
         // Reconnection backoff: redis 0.32 hands `factor` to backon as the
         // growth *multiplier* (first delay 1 s), not as a unit of
         // milliseconds as its docs suggest; the default (100, capped at 60 s)
@@ -697,11 +711,23 @@ impl RedisStore {
     /// Connects to a Redis Cluster through its seed `nodes`
     /// (`redis://host:port/` each) and loads the scripts on every primary.
     pub async fn connect_cluster(nodes: &[String], prefix: &str) -> Result<Self, StoreError> {
-        let client = redis::cluster::ClusterClientBuilder::new(nodes.to_vec())
+        Self::connect_cluster_tls(nodes, prefix, None).await
+    }
+
+    /// [`RedisStore::connect_cluster`] with the certificates of
+    /// `[redis.tls]` for `rediss://` nodes.
+    pub async fn connect_cluster_tls(
+        nodes: &[String],
+        prefix: &str,
+        tls: Option<&crate::redis_tls::RedisTlsCerts>,
+    ) -> Result<Self, StoreError> {
+        let mut builder = redis::cluster::ClusterClientBuilder::new(nodes.to_vec())
             .connection_timeout(Duration::from_secs(5))
-            .response_timeout(Duration::from_secs(10))
-            .build()
-            .map_err(store_err)?;
+            .response_timeout(Duration::from_secs(10));
+        if let Some(t) = tls {
+            builder = builder.certs(t.0.clone());
+        }
+        let client = builder.build().map_err(store_err)?;
         let conn = client.get_async_connection().await.map_err(store_err)?;
         Self::init(Conn::Cluster(conn), prefix).await
     }

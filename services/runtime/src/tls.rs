@@ -116,13 +116,13 @@ impl GrpcSecurity {
     }
 }
 
-fn read_pem(key: &str, path: &Path) -> Result<Vec<u8>, ConfigError> {
+pub(crate) fn read_pem(key: &str, path: &Path) -> Result<Vec<u8>, ConfigError> {
     // Errors name the file, never its content.
     std::fs::read(path)
         .map_err(|e| ConfigError::new(key, format!("cannot read {}: {e}", path.display())))
 }
 
-fn certs(key: &str, path: &Path, pem: &[u8]) -> Result<usize, ConfigError> {
+pub(crate) fn certs(key: &str, path: &Path, pem: &[u8]) -> Result<usize, ConfigError> {
     let mut n = 0;
     for c in CertificateDer::pem_slice_iter(pem) {
         let c = c.map_err(|e| {
