@@ -694,6 +694,14 @@ fn kafka_home() -> PathBuf {
     PathBuf::from(env("TOLLGUARD_KAFKA_HOME"))
 }
 
+/// Java as `services.sh` picks it: `$JAVA_HOME/bin/java`, else `java`.
+fn java() -> PathBuf {
+    std::env::var_os("JAVA_HOME").map_or_else(
+        || PathBuf::from("java"),
+        |h| PathBuf::from(h).join("bin/java"),
+    )
+}
+
 /// Kafka's text form of a random UUID (URL-safe base64, no padding).
 fn kafka_uuid() -> String {
     const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
@@ -763,7 +771,7 @@ impl Broker {
         )
         .unwrap();
         let home = kafka_home();
-        let out = Command::new("java")
+        let out = Command::new(java())
             .args([
                 "-Xmx256m",
                 "-XX:+UseSerialGC",
@@ -806,7 +814,7 @@ impl Broker {
         let p = Proc::spawn(
             &self.dir,
             &format!("broker-{}", self.starts),
-            Path::new("java"),
+            &java(),
             &[
                 "-Xmx384m",
                 "-Xms128m",
