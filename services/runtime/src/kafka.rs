@@ -631,6 +631,20 @@ fn log_rdkafka(client: &str, level: RDKafkaLogLevel, fac: &str, message: &str) {
 #[derive(Debug, Clone)]
 struct ClientLog {
     client: &'static str,
+    /// The last authentication failure the client reported (librdkafka's
+    /// text names the mechanism, never the password), shown by
+    /// [`KafkaBus::probe`]: a wrong SASL password otherwise surfaces only as
+    /// a generic transport failure.
+    auth_error: Arc<Mutex<Option<String>>>,
+}
+
+impl ClientLog {
+    fn new(client: &'static str) -> Self {
+        Self {
+            client,
+            auth_error: Arc::default(),
+        }
+    }
 }
 
 impl ClientContext for ClientLog {
@@ -640,6 +654,11 @@ impl ClientContext for ClientLog {
 
     fn error(&self, error: KafkaError, reason: &str) {
         tracing::warn!(client = self.client, error = %error, reason, "kafka client error");
+        if error.rdkafka_error_code() == Some(RDKafkaErrorCode::Authentication)
+            || reason.contains("SASL")
+        {
+            *self.auth_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(reason.to_string());
+        }
     }
 }
 
@@ -771,6 +790,8 @@ impl PublishReport {
 pub struct KafkaBus {
     settings: Arc<KafkaSettings>,
     producer: FutureProducer<ClientLog>,
+    /// The producer's last authentication failure ([`ClientLog`]).
+    auth_error: Arc<Mutex<Option<String>>>,
 }
 
 impl fmt::Debug for KafkaBus {
@@ -790,13 +811,16 @@ impl KafkaBus {
         settings
             .validate()
             .map_err(|e| unavailable("invalid kafka settings", e))?;
+        let log = ClientLog::new("producer");
+        let auth_error = log.auth_error.clone();
         let producer = settings
             .producer_config()
-            .create_with_context(ClientLog { client: "producer" })
+            .create_with_context(log)
             .map_err(|e| unavailable("cannot create kafka producer", e))?;
         Ok(Self {
             settings: Arc::new(settings),
             producer,
+            auth_error,
         })
     }
 
@@ -927,7 +951,18 @@ impl KafkaBus {
             tokio::task::spawn_blocking(move || producer.client().fetch_metadata(None, timeout))
                 .await
                 .map_err(|e| unavailable("kafka metadata task", e))?
-                .map_err(|e| unavailable("kafka metadata", e))?;
+                .map_err(|e| {
+                    match self
+                        .auth_error
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .clone()
+                    {
+                        Some(auth) => unavailable("kafka metadata", format!("{e}; {auth}")),
+                        None => unavailable("kafka metadata", e),
+                    }
+                })?;
+        *self.auth_error.lock().unwrap_or_else(|e| e.into_inner()) = None;
         if metadata.brokers().is_empty() {
             return Err(BusError::Unavailable(
                 "kafka metadata lists no broker".into(),
@@ -971,7 +1006,7 @@ impl KafkaBus {
         let admin: AdminClient<ClientLog> = self
             .settings
             .admin_config()
-            .create_with_context(ClientLog { client: "admin" })
+            .create_with_context(ClientLog::new("admin"))
             .map_err(|e| unavailable("cannot create kafka admin client", e))?;
         let new_topics: Vec<NewTopic<'_>> = topics
             .iter()
