@@ -1564,13 +1564,12 @@ pub async fn consume_all(
                 ends = Some(sub.watermarks(&assigned, deadline - now).await?);
             }
         }
-        if let Some(ends) = &ends {
-            if ends
+        if let Some(ends) = &ends
+            && ends
                 .iter()
                 .all(|(p, (low, end))| next.get(p).copied().unwrap_or(*low) >= *end)
-            {
-                break;
-            }
+        {
+            break;
         }
         let wait = (deadline - Instant::now()).min(Duration::from_millis(200));
         for r in sub.poll(10_000, wait).await? {
