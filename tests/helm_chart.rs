@@ -590,6 +590,16 @@ fn check_configs(what: &str, docs: &[Value]) -> usize {
     // The Kafka CA mounted from kafka.tls.caSecret.
     std::fs::create_dir_all(root.join("kafka-tls")).unwrap();
     std::fs::write(root.join("kafka-tls/ca.crt"), ca_cert.pem()).unwrap();
+    // The Redis CA and client certificate of redis.tls.caSecret/clientSecret.
+    std::fs::create_dir_all(root.join("redis-tls/ca")).unwrap();
+    std::fs::write(root.join("redis-tls/ca/ca.crt"), ca_cert.pem()).unwrap();
+    std::fs::create_dir_all(root.join("redis-tls/client")).unwrap();
+    std::fs::write(root.join("redis-tls/client/tls.crt"), server.pem()).unwrap();
+    std::fs::write(
+        root.join("redis-tls/client/tls.key"),
+        server_key.serialize_pem(),
+    )
+    .unwrap();
     let relocate = |text: &str| text.replace("/etc/tollguard/", &format!("{}/", root.display()));
 
     // Rules and policies mounted into the correlator: the rendered

@@ -29,6 +29,10 @@ dlq = {{ include "tollguard.tomlValue" $v.topics.dlq.name }}
 url = {{ include "tollguard.tomlValue" $v.redis.url }}
 {{- end }}
 key_prefix = {{ include "tollguard.tomlValue" $v.redis.keyPrefix }}
+{{- with include "tollguard.redisTlsToml" . }}
+
+{{ . }}
+{{- end }}
 {{- if $c.mountPseudonymizationKey }}
 
 # The consortium key resolves policies that name customers by id.

@@ -22,6 +22,12 @@ grpc = {{ include "tollguard.sockaddr" (dict "host" $c.listenAddress "port" $c.g
 url = {{ include "tollguard.tomlValue" $v.redis.url }}
 {{- end }}
 key_prefix = {{ include "tollguard.tomlValue" $v.redis.keyPrefix }}
+{{- if $c.config.redis }}
+{{- with include "tollguard.redisTlsToml" . }}
+
+{{ . }}
+{{- end }}
+{{- end }}
 {{- if $c.grpcPort }}
 
 # The Alerts API.
