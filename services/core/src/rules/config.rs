@@ -145,7 +145,7 @@ pub struct MultiCarrierBurst {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Baseline {
-    /// Baselines on/off (off, the default: the constants alone).
+    /// Baselines on/off (on by default; off: the constants alone).
     pub enabled: bool,
     /// Weeks of hour-of-week history looked at.
     pub weeks: i64,
@@ -168,11 +168,7 @@ pub struct Baseline {
 impl Default for Baseline {
     fn default() -> Self {
         Self {
-            // Opt-in for now: with carriers backfilling days behind each
-            // other the profile can already hold the campaign's earlier
-            // traffic at another carrier (tests/e2e_pipeline.rs
-            // carriers_sent_one_after_another_still_join misses the burst).
-            enabled: false,
+            enabled: true,
             weeks: 4,
             days: 6,
             alpha: 0.5,
