@@ -280,7 +280,8 @@ async fn critical_incidents(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn carriers_clocks_minutes_apart_neither_miss_nor_duplicate_incidents() {
+async fn carriers_clocks_minutes_apart_or_exports_in_one_file_neither_miss_nor_duplicate_incidents()
+{
     let dir = tempfile::tempdir().unwrap();
     let key = dir.path().join("key");
     std::fs::write(&key, "0123456789abcdef0123456789abcdef-skew-test").unwrap();
@@ -344,4 +345,20 @@ async fn carriers_clocks_minutes_apart_neither_miss_nor_duplicate_incidents() {
             ids.len()
         );
     }
+    // One file holding every carrier's export one after another (3 days of
+    // bt, then 3 days of kpn, …): replay puts it in event-time order, so the
+    // cross-carrier joins are the same as from the per-carrier files.
+    let all = dir.path().join("all.jsonl");
+    let mut text = String::new();
+    for f in files(&exact) {
+        text.push_str(&std::fs::read_to_string(f).unwrap());
+    }
+    std::fs::write(&all, text).unwrap();
+    let (got, t_all) = critical_incidents(vec![all], &key).await;
+    assert_eq!(t_all, t_exact, "one concatenated file: {got:?}");
+    assert_eq!(
+        got.keys().collect::<Vec<_>>(),
+        want.keys().collect::<Vec<_>>(),
+        "one concatenated file changed which incidents are critical"
+    );
 }
