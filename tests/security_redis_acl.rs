@@ -11,7 +11,7 @@ use tollguard_tests::*;
 /// The commands of the correlator's and notifier's store (SECURITY.md).
 const COMMANDS: &str = "-@all +ping +hello +auth +select +evalsha +eval +script|load \
      +mget +smembers +sadd +get +set +hget +hset +hgetall +hdel +hincrby +pexpire +zadd \
-     +zrangebyscore +zremrangebyscore +zscore";
+     +zrangebyscore +zremrangebyscore +zscore +zrange +zrem +pttl +exists";
 
 async fn admin() -> redis::aio::MultiplexedConnection {
     redis::Client::open(redis())
@@ -92,6 +92,46 @@ async fn the_store_runs_as_a_least_privilege_acl_user() {
         .await
         .unwrap();
     assert_eq!(out.len(), 1);
+    assert!(!out[0].duplicate);
+    // A second store (no cached state: it reads the scope back) sees the
+    // re-delivery as a duplicate, and marks and prunes a sorted set.
+    let other = RedisStore::connect(&url, &prefix).await.unwrap();
+    let again = other
+        .apply(&[
+            Update {
+                scope: scope.clone(),
+                dedupe: "ev-1".into(),
+                ttl_ms: 60_000,
+                ops: vec![Op::Mark {
+                    key: "seen".into(),
+                    group: "kpn".into(),
+                    id: "c1".into(),
+                    ts: 1_700_000_000_000,
+                }],
+            },
+            Update {
+                scope: scope.clone(),
+                dedupe: "ev-2".into(),
+                ttl_ms: 60_000,
+                ops: vec![
+                    Op::Mark {
+                        key: "seen".into(),
+                        group: "kpn".into(),
+                        id: "c2".into(),
+                        ts: 1_700_000_000_000,
+                    },
+                    Op::Distinct {
+                        key: "seen".into(),
+                        since: 0,
+                        prune_before: 1_600_000_000_000,
+                    },
+                ],
+            },
+        ])
+        .await
+        .unwrap();
+    assert!(again[0].duplicate, "{again:?}");
+    assert!(!again[1].duplicate, "{again:?}");
     let w = StateWrite {
         scope: scope.clone(),
         name: "inc:x".into(),

@@ -10,8 +10,10 @@
 //! slot per scope) and carries a TTL.
 //!
 //! [`MemoryStore`] is the embedded implementation; the Redis implementation
-//! lives in `tollguard-runtime` and runs the same op list as one Lua script.
-//! One shared test suite (`tests/store_suite.rs`) runs against both.
+//! lives in `tollguard-runtime` and runs the same interpreter ([`Keyspace`])
+//! on the scope's state read from Redis, committing the result under a
+//! version check. One shared test suite (`tests/store_suite.rs`) runs
+//! against both.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
@@ -47,7 +49,20 @@ impl Scope {
 
     /// Full key of `name` in this scope: `tg:{c:…}:name`.
     pub fn key(&self, prefix: &str, name: &str) -> String {
-        format!("{prefix}{{{}}}:{name}", self.tag())
+        let (kind, id) = match self {
+            Scope::Customer(c) => ("c:", c.as_str()),
+            Scope::Range(r) => ("r:", r.as_str()),
+            Scope::Peer(p) => ("p:", p.as_str()),
+            Scope::Global => ("g", ""),
+        };
+        let mut k = String::with_capacity(prefix.len() + kind.len() + id.len() + name.len() + 3);
+        k.push_str(prefix);
+        k.push('{');
+        k.push_str(kind);
+        k.push_str(id);
+        k.push_str("}:");
+        k.push_str(name);
+        k
     }
 }
 
@@ -289,13 +304,19 @@ pub trait WindowStore: Send + Sync + fmt::Debug {
     async fn ping(&self) -> Result<(), StoreError>;
 }
 
-/// A value of the memory store.
-#[derive(Debug, Clone)]
-enum Value {
+/// A value of the memory store (and of a [`Keyspace`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Value {
+    /// A hash of integers: `CallMax` fields, `Add`/`Sum` buckets
+    /// (`<bucket>|<group>`).
     Hash(HashMap<String, i64>),
+    /// A sorted set of `Mark`ed members (`<group>|<id>`) with their time.
     ZSet(HashMap<String, i64>),
+    /// Call intervals by call id: (start, end, closed, group).
     Spans(HashMap<String, (i64, i64, bool, String)>),
+    /// A string (dedupe marker, state value).
     Str(String),
+    /// A set (consortium-wide lists).
     Set(HashSet<String>),
 }
 
@@ -307,6 +328,8 @@ struct Inner {
     /// Logical clock (event time) when set; wall clock otherwise.
     clock: Option<i64>,
     ops_since_sweep: usize,
+    /// When journaling: the last TTL given to each key touched.
+    touched: Option<HashMap<String, i64>>,
 }
 
 fn wall_ms() -> i64 {
@@ -336,6 +359,9 @@ impl Inner {
     fn touch(&mut self, key: &str, ttl_ms: i64) {
         let deadline = self.now() + ttl_ms.max(1);
         self.expiry.insert(key.to_string(), deadline);
+        if let Some(t) = self.touched.as_mut() {
+            t.insert(key.to_string(), ttl_ms.max(1));
+        }
     }
 
     fn sweep(&mut self) {
@@ -595,6 +621,88 @@ impl Inner {
                 OpResult::Groups(g)
             }
         }
+    }
+}
+
+/// The op interpreter of [`MemoryStore`] over a private keyspace on the wall
+/// clock, for a backend that runs the ops itself: it loads the keys an
+/// update touches, applies the update here (so the results are the memory
+/// store's by construction) and writes the difference back. It journals the
+/// TTL given to every key written ([`Keyspace::take_touched`]).
+#[derive(Debug, Default)]
+pub struct Keyspace {
+    inner: Inner,
+}
+
+impl Keyspace {
+    /// An empty keyspace on the wall clock, journaling TTLs.
+    pub fn new() -> Self {
+        Self {
+            inner: Inner {
+                touched: Some(HashMap::new()),
+                ..Inner::default()
+            },
+        }
+    }
+
+    /// Current time of the keyspace's clock (wall milliseconds).
+    pub fn now(&self) -> i64 {
+        self.inner.now()
+    }
+
+    /// Freezes the clock at `t` (wall milliseconds) until the next call, as
+    /// time stands still inside a Redis script; `None` runs it again.
+    pub fn freeze(&mut self, t: Option<i64>) {
+        self.inner.clock = t;
+    }
+
+    /// Stores `value` at `key`, expiring at `deadline` (ms on the wall
+    /// clock; `None` = never).
+    pub fn load(&mut self, key: String, value: Value, deadline: Option<i64>) {
+        match deadline {
+            Some(d) => {
+                self.inner.expiry.insert(key.clone(), d);
+            }
+            None => {
+                self.inner.expiry.remove(&key);
+            }
+        }
+        self.inner.data.insert(key, value);
+    }
+
+    /// The live value at `key`.
+    pub fn get(&mut self, key: &str) -> Option<&Value> {
+        if self.inner.alive(key) {
+            self.inner.data.get(key)
+        } else {
+            None
+        }
+    }
+
+    /// Removes `key`.
+    pub fn remove(&mut self, key: &str) {
+        self.inner.data.remove(key);
+        self.inner.expiry.remove(key);
+    }
+
+    /// Keys held (live or not yet swept).
+    pub fn keys(&self) -> impl Iterator<Item = &String> {
+        self.inner.data.keys()
+    }
+
+    /// Applies one update exactly as [`MemoryStore`] does; keys are
+    /// `prefix` + scope tag + name.
+    pub fn apply(&mut self, prefix: &str, u: &Update) -> Outcome {
+        self.inner.apply(prefix, u)
+    }
+
+    /// The TTL last given to each key written since the previous call.
+    pub fn take_touched(&mut self) -> HashMap<String, i64> {
+        self.inner
+            .touched
+            .as_mut()
+            .map(std::mem::take)
+            .unwrap_or_default()
     }
 }
 

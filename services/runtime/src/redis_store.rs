@@ -4,29 +4,30 @@
 //! * **One connection.** A single multiplexed, auto-reconnecting
 //!   [`ConnectionManager`] (or a [`ClusterConnection`] for Redis Cluster),
 //!   cloned per call; never a connection per request.
-//! * **One script call per run of updates.** The Lua script `APPLY` applies
-//!   each [`Update`] atomically: the dedupe marker (`SET NX PX`) decides
-//!   whether the writes run, reads always run, and every key written gets
-//!   its TTL (once per call, the last TTL given: time is frozen inside a
-//!   script, so the deadline is the one a `PEXPIRE` after each write would
-//!   set). One call carries up to `UPDATES_PER_CALL` updates, which
-//!   amortises the fixed cost of a script call; a batch is grouped by scope
-//!   (order kept within a scope), so a call's updates mostly share a scope
-//!   and the script parses each bucketed or span hash once per call and
-//!   keeps its parsed copy exact through the call's own writes.
-//!   An update's `KEYS` are the marker and the op keys, all under the
-//!   scope's `{<tag>}`; on a cluster a call only ever carries updates of one
-//!   scope, so they share one hash slot.
-//! * **One round trip per batch.** [`WindowStore::apply`] sends the batch as
-//!   one pipeline of `EVALSHA`s. The script is loaded at connect; when the
-//!   server has lost it (`NOSCRIPT` after a restart or `SCRIPT FLUSH`), it is
-//!   loaded again and only the calls that failed are re-sent — an update
-//!   that ran is never sent twice, so none is wrongly reported as duplicate.
-//!   On a cluster the batch is split per scope (a pipeline must stay in one
-//!   slot) and the pipelines run concurrently; updates of different scopes
-//!   touch disjoint keys, so their relative order is unobservable. (The
-//!   cluster client reports a pipeline's errors as one, so there a
-//!   `NOSCRIPT` re-sends the scope's whole pipeline.)
+//! * **The ops run here, Redis stores.** [`WindowStore::apply`] groups a
+//!   batch by scope (each scope keeps its order; scopes touch disjoint keys,
+//!   so their relative order is unobservable), runs each scope's updates with
+//!   the memory store's own interpreter ([`Keyspace`]) on the scope's state
+//!   and commits the difference — new dedupe markers (`SET NX PX`), changed
+//!   and pruned fields, `PEXPIRE` of every key written — with one small
+//!   script (`local::WRITE`) that first checks the scope's *version key*
+//!   (`tg:{<tag>}:ver`, a random token every commit replaces) is the one the
+//!   state was read at. The state comes from a cache of the scopes this
+//!   process last committed, else from one pipelined read of the batch's
+//!   missing scopes. A scope whose version moved (another correlator wrote
+//!   it) or whose marker already existed (a re-delivery the cache could not
+//!   know) writes nothing; it is read again and re-run, so every update is
+//!   applied atomically, once, on the exact state it was evaluated on. See
+//!   `redis_store/local.rs`. (Until 2026-11 a Lua script interpreted every
+//!   op inside Redis; that cost ~120 µs of Redis CPU per event.)
+//! * **Two round trips per batch at most.** One read of the scopes not
+//!   cached and one pipeline of `EVALSHA`s of the write script (up to
+//!   `SCOPES_PER_CALL` scopes each), plus one read-and-write round per
+//!   round of conflicts. Every key of a scope is under the scope's `{<tag>}`;
+//!   on a cluster the reads and writes go per scope (one slot each), all in
+//!   flight at once. The script is loaded at connect; when the server has
+//!   lost it (`NOSCRIPT` after a restart or `SCRIPT FLUSH`), it is loaded
+//!   again and only the calls that failed (which wrote nothing) are re-sent.
 //! * **Bounded waits.** Responses time out after 10 s, connects after 5 s;
 //!   on one node a lost connection is retried twice about a second apart
 //!   before the call fails as [`StoreError::Unavailable`].
@@ -34,11 +35,11 @@
 //! The semantics are exactly those of [`MemoryStore`]
 //! (`tests/store_suite.rs` checks both stores against each other).
 //!
-//! **Number range.** Lua numbers are doubles: integers are exact up to 2^53
-//! (≈ 9·10^15). Millisecond timestamps (≈ 1.7·10^12), bucket indices and
-//! micro-EUR amounts fit with room to spare; an update carrying a larger
-//! integer is refused with [`StoreError::Protocol`] rather than silently
-//! rounded. Sums computed inside the script share that bound.
+//! **Number range.** Sorted-set scores are doubles: integers are exact up to
+//! 2^53 (≈ 9·10^15). Millisecond timestamps (≈ 1.7·10^12), bucket indices
+//! and micro-EUR amounts fit with room to spare; an update carrying a larger
+//! integer is refused with [`StoreError::Protocol`] before anything is
+//! written rather than silently rounded.
 //!
 //! **Errors.** Connection, I/O, timeout and transient server states
 //! (LOADING, TRYAGAIN, CLUSTERDOWN, MASTERDOWN, READONLY, OOM, BUSY, MOVED…)
@@ -46,13 +47,18 @@
 //! the store cannot interpret is [`StoreError::Protocol`]. If a batch fails
 //! part-way, the updates that did run stay applied: a retry of the batch
 //! sees them as duplicates (their reads are still answered), which is the
-//! at-least-once contract of the dedupe marker. Requires Redis ≥ 6.2
-//! (`ZADD GT`).
+//! at-least-once contract of the dedupe marker. A batch whose scopes stay
+//! contended for `MAX_ROUNDS` rounds fails as [`StoreError::Unavailable`].
+//! Every writer of window state must go through this protocol (the version
+//! key): a correlator of an older release must not run beside this one.
 //!
 //! [`MemoryStore`]: tollguard_core::store::MemoryStore
+//! [`Keyspace`]: tollguard_core::store::Keyspace
 //! [`ClusterConnection`]: redis::cluster_async::ClusterConnection
 
-use std::collections::BTreeMap;
+mod local;
+
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -60,253 +66,7 @@ use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster_async::ClusterConnection;
 use redis::{Cmd, ErrorKind, RedisError, RedisFuture, RetryMethod, Script, Value};
 use tollguard_core::StoreError;
-use tollguard_core::store::{
-    Groups, Op, OpResult, Outcome, Scope, StateWrite, Update, Val, WindowStore,
-};
-
-/// Applies a run of [`Update`]s, each atomically (the whole call is one
-/// script, so the run is atomic too). See the header comment for its calling
-/// convention; [`RedisStore`] builds the arguments in `encode` and `chunk_cmd`.
-const APPLY: &str = r#"
--- TollGuard: apply window-store updates atomically (redis_store.rs).
--- KEYS      the keys of every update, one update after another: its dedupe
---           marker, then every key its ops touch (on a cluster all the
---           updates of one call share a scope, so one {tag}: one hash slot).
--- ARGV[1]   the number of updates; then per update: the number of its KEYS,
---           the TTL in ms of its marker and of every scope key it writes,
---           the number of op arguments, and the ops one after another: op
---           code, index of its key among the update's KEYS, then the op's
---           parameters (listed at each branch below).
--- Reply     per update { duplicate 1|0, result of op 1, result of op 2, ... },
---           each an integer (CallMax, Has; 0 for the other writes) or, for
---           Sum, Distinct and Overlap, a flat { total, group, n, group, n, ... }.
--- Numbers are Lua doubles, exact up to 2^53; arguments are copied to Redis
--- as the caller's decimal strings wherever possible.
-
-local pos = 1 -- ARGV cursor (last argument consumed)
-local function take(n) -- the next n arguments, in order
-  local first = pos + 1
-  pos = pos + n
-  return unpack(ARGV, first, pos)
-end
-
--- 'a|b|c' -> 'a', 'b|c' (split at the first '|'); no '|' -> nil, s
-local function split(s)
-  local p = string.find(s, '|', 1, true)
-  if p then return string.sub(s, 1, p - 1), string.sub(s, p + 1) end
-  return nil, s
-end
-
--- A grouped result: a total plus a count per group, in first-seen order.
-local function new_groups() return { total = 0, by = {}, order = {} } end
-local function add_to(g, name, n)
-  if g.by[name] == nil then g.by[name] = 0; g.order[#g.order + 1] = name end
-  g.by[name] = g.by[name] + n
-end
-local function flat(g)
-  local out = { g.total }
-  for _, name in ipairs(g.order) do
-    out[#out + 1] = name
-    out[#out + 1] = g.by[name]
-  end
-  return out
-end
-
--- A span is stored as 'start,end,closed(1|0),group'.
-local function span(v)
-  local s, e, c, g = string.match(v, '^([^,]*),([^,]*),([01]),(.*)$')
-  return s, e, c, g
-end
-
--- HDEL of many fields, a bounded number per call (Lua's C stack).
-local function hdel(key, fields)
-  local i = 1
-  while i <= #fields do
-    local j = math.min(i + 999, #fields)
-    redis.call('HDEL', key, unpack(fields, i, j))
-    i = j + 1
-  end
-end
-
--- Per-call caches, so that the updates of one scope in one call (the store
--- groups a batch's updates by scope) parse each hash once: for a bucketed
--- counter (Add/Sum) field -> { bucket number, group, value }; for a span hash
--- (Span/Overlap) id -> { start, end (numbers), their strings, closed, group }.
--- Writes through Add/Span keep them exact; any other op on a cached key drops
--- its entry. Keys cannot expire during a script (time is frozen in it).
-local hcache, scache = {}, {}
-
-local function hload(key)
-  local c = hcache[key]
-  if c then return c end
-  c = {}
-  local h = redis.call('HGETALL', key)
-  for j = 1, #h, 2 do
-    local b, group = split(h[j])
-    if b == nil then b, group = h[j], '' end
-    c[h[j]] = { tonumber(b) or -math.huge, group, tonumber(h[j + 1]) }
-  end
-  hcache[key] = c
-  return c
-end
-
-local function sload(key)
-  local c = scache[key]
-  if c then return c end
-  c = {}
-  local h = redis.call('HGETALL', key)
-  for j = 1, #h, 2 do
-    local s, e, cl, group = span(h[j + 1])
-    c[h[j]] = { tonumber(s), tonumber(e), s, e, cl, group }
-  end
-  scache[key] = c
-  return c
-end
-
--- Each key written gets its TTL once, at the end of the call (the last TTL
--- given wins, as if set after every write; time is frozen in a script, so
--- the deadline is the same).
-local expire, expire_order = {}, {}
-local function touch(key, t)
-  if expire[key] == nil then expire_order[#expire_order + 1] = key end
-  expire[key] = t
-end
-
-local replies = {}
-local kbase = 0 -- KEYS offset of the current update
-for u = 1, tonumber(ARGV[1]) do
-  local nkeys, ttl, nargs = take(3)
-  local stop = pos + tonumber(nargs)
-  -- The marker decides: a re-delivered event skips every write; reads run.
-  local dup = not redis.call('SET', KEYS[kbase + 1], '1', 'NX', 'PX', ttl)
-  local ints = {} -- integer result of each op, for Val::Ref and `when`
-  local function int_of(i) return ints[tonumber(i) + 1] or 0 end -- i is 0-based
-  local res = { dup and 1 or 0 }
-  local n = 0
-  while pos < stop do
-    n = n + 1
-    local code, ki = take(2)
-    local key = KEYS[kbase + tonumber(ki)]
-    local r = 0
-    if code ~= 'A' and code ~= 'S' then hcache[key] = nil end
-    if code ~= 'P' and code ~= 'O' then scache[key] = nil end
-    if code == 'M' then -- CallMax: field, value, ttl of the call key
-      local field, v, call_ttl = take(3)
-      if not dup then
-        local old = tonumber(redis.call('HGET', key, field) or '0')
-        if tonumber(v) > old then
-          r = tonumber(v) - old
-          redis.call('HSET', key, field, v)
-        end
-        touch(key, call_ttl)
-      end
-      ints[n] = r
-    elseif code == 'A' then -- Add: bucket, group, '=' value | '@' op, when ('' | op)
-      local bucket, group, kind, v, when = take(5)
-      local d = v -- a constant goes to Redis exactly as the caller wrote it
-      if kind == '@' then d = string.format('%d', int_of(v)) end
-      local enabled = when == '' or int_of(when) ~= 0
-      if not dup and tonumber(d) ~= 0 and enabled then
-        local field = bucket .. '|' .. group
-        local now = redis.call('HINCRBY', key, field, d)
-        local c = hcache[key]
-        if c then
-          local f = c[field]
-          if f then f[3] = now else c[field] = { tonumber(bucket) or -math.huge, group, now } end
-        end
-        touch(key, ttl)
-      end
-    elseif code == 'S' then -- Sum: from, to, prune_before
-      local from, to, prune = take(3)
-      from, to, prune = tonumber(from), tonumber(to), tonumber(prune)
-      local g = new_groups()
-      local dead = {}
-      local c = hload(key)
-      for field, f in pairs(c) do
-        local b = f[1]
-        if b < prune then
-          dead[#dead + 1] = field
-        elseif b >= from and b <= to then
-          g.total = g.total + f[3]
-          add_to(g, f[2], f[3])
-        end
-      end
-      for _, field in ipairs(dead) do c[field] = nil end
-      hdel(key, dead)
-      r = flat(g)
-    elseif code == 'K' then -- Mark: group, id, ts (the latest ts is kept)
-      local group, id, ts = take(3)
-      if not dup then
-        redis.call('ZADD', key, 'GT', ts, group .. '|' .. id)
-        touch(key, ttl)
-      end
-    elseif code == 'D' then -- Distinct: since, prune_before
-      local since, prune = take(2)
-      redis.call('ZREMRANGEBYSCORE', key, '-inf', '(' .. prune)
-      local g, seen = new_groups(), {}
-      for _, m in ipairs(redis.call('ZRANGEBYSCORE', key, since, '+inf')) do
-        local group, id = split(m)
-        if not seen[id] then seen[id] = true; g.total = g.total + 1 end
-        add_to(g, group or '', 1)
-      end
-      r = flat(g)
-    elseif code == 'H' then -- Has: group, id, since
-      local group, id, since = take(3)
-      local ts = redis.call('ZSCORE', key, group .. '|' .. id)
-      if ts and tonumber(ts) >= tonumber(since) then r = 1 end
-      ints[n] = r
-    elseif code == 'P' then -- Span: id, group, start, end, closed (1|0)
-      local id, group, s, e, c = take(5)
-      if not dup then
-        local cache = scache[key]
-        local os, oe, oc, og
-        if cache then
-          local cur = cache[id]
-          if cur then os, oe, oc, og = cur[3], cur[4], cur[5], cur[6] end
-        else
-          local cur = redis.call('HGET', key, id)
-          if cur then os, oe, oc, og = span(cur) end
-        end
-        if os then -- union: earliest start, latest end, closed sticks, first group
-          if tonumber(os) < tonumber(s) then s = os end
-          if tonumber(oe) > tonumber(e) then e = oe end
-          if oc == '1' then c = '1' end
-          group = og
-        end
-        redis.call('HSET', key, id, s .. ',' .. e .. ',' .. c .. ',' .. group)
-        if cache then cache[id] = { tonumber(s), tonumber(e), s, e, c, group } end
-        touch(key, ttl)
-      end
-    elseif code == 'O' then -- Overlap: at, open_horizon, prune_before
-      local at, horizon, prune = take(3)
-      at, horizon, prune = tonumber(at), tonumber(horizon), tonumber(prune)
-      local g = new_groups()
-      local dead = {}
-      local c = sload(key)
-      for id, sp in pairs(c) do
-        local untl = sp[2]
-        if sp[5] ~= '1' then untl = untl + horizon end
-        if untl < prune then
-          dead[#dead + 1] = id
-        elseif sp[1] <= at and at <= untl then
-          g.total = g.total + 1
-          add_to(g, sp[6], 1)
-        end
-      end
-      for _, id in ipairs(dead) do c[id] = nil end
-      hdel(key, dead)
-      r = flat(g)
-    else
-      return redis.error_reply('ERR tollguard apply: unknown op code ' .. tostring(code))
-    end
-    res[#res + 1] = r
-  end
-  replies[u] = res
-  kbase = kbase + tonumber(nkeys)
-end
-for _, k in ipairs(expire_order) do redis.call('PEXPIRE', k, expire[k]) end
-return replies
-"#;
+use tollguard_core::store::{Outcome, Scope, StateWrite, Update, WindowStore};
 
 /// Compare-and-set of one state value.
 /// KEYS[1] = the state key; ARGV = expect present (1|0), expected value,
@@ -319,6 +79,9 @@ if (ARGV[1] == '0' and not cur) or (ARGV[1] == '1' and cur == ARGV[2]) then
 end
 return 0
 "#;
+
+/// Default bound of the scope state kept between batches (bytes, estimated).
+pub const DEFAULT_CACHE_BYTES: usize = 32 << 20;
 
 /// Largest integer magnitude that crosses into Lua exactly (2^53).
 const LUA_EXACT: u64 = 1 << 53;
@@ -366,8 +129,10 @@ impl ConnectionLike for Conn {
 pub struct RedisStore {
     conn: Conn,
     prefix: String,
-    apply: Script,
+    write: Script,
     cas: Script,
+    /// Scope state between batches (shared by clones).
+    cache: Arc<local::SharedCache>,
 }
 
 impl std::fmt::Debug for RedisStore {
@@ -412,263 +177,6 @@ fn int(v: &Value) -> Result<i64, StoreError> {
         Value::Int(i) => Ok(*i),
         other => Err(protocol(format!("expected an integer, got {other:?}"))),
     }
-}
-
-fn text(v: &Value) -> Result<String, StoreError> {
-    match v {
-        Value::BulkString(b) => String::from_utf8(b.clone())
-            .map_err(|_| protocol("group name is not UTF-8".to_string())),
-        Value::SimpleString(s) => Ok(s.clone()),
-        other => Err(protocol(format!("expected a string, got {other:?}"))),
-    }
-}
-
-/// Decodes `{ total, group, n, group, n, ... }`.
-fn groups(v: &Value) -> Result<Groups, StoreError> {
-    let Value::Array(items) = v else {
-        return Err(protocol(format!("expected a group array, got {v:?}")));
-    };
-    let Some((total, pairs)) = items.split_first() else {
-        return Err(protocol("empty group array"));
-    };
-    if pairs.len() % 2 != 0 {
-        return Err(protocol("odd group array"));
-    }
-    let mut g = Groups {
-        total: int(total)?,
-        ..Groups::default()
-    };
-    for pair in pairs.chunks_exact(2) {
-        g.by.insert(text(&pair[0])?, int(&pair[1])?);
-    }
-    Ok(g)
-}
-
-/// One update, encoded for [`APPLY`].
-#[derive(Debug)]
-struct Encoded {
-    /// Hash tag of the scope (the cluster slot).
-    tag: String,
-    keys: Vec<String>,
-    args: Vec<String>,
-}
-
-/// Updates per `EVALSHA`: amortises the fixed cost of a script call (script
-/// lookup, `KEYS`/`ARGV` tables, reply) and lets the updates of one scope
-/// share the script's per-call caches and TTLs, while keeping each call short
-/// (Redis runs one script at a time: 64 updates are a few milliseconds at
-/// most).
-const UPDATES_PER_CALL: usize = 64;
-
-/// One `EVALSHA` of [`APPLY`] over `chunk` (its `ARGV[1]` is the count, then
-/// per update: its key count, TTL, argument count and arguments).
-fn chunk_cmd(sha: &str, chunk: &[&Encoded]) -> Cmd {
-    let nkeys: usize = chunk.iter().map(|e| e.keys.len()).sum();
-    let mut c = redis::cmd("EVALSHA");
-    c.arg(sha).arg(nkeys);
-    for e in chunk {
-        c.arg(&e.keys);
-    }
-    c.arg(chunk.len());
-    for e in chunk {
-        // args[0] is the TTL, the rest the ops.
-        c.arg(e.keys.len())
-            .arg(&e.args[0])
-            .arg(e.args.len() - 1)
-            .arg(&e.args[1..]);
-    }
-    c
-}
-
-/// Builds `KEYS`/`ARGV` of one update.
-struct Encoder<'a> {
-    prefix: &'a str,
-    scope: &'a Scope,
-    names: Vec<&'a str>,
-    keys: Vec<String>,
-    args: Vec<String>,
-}
-
-impl<'a> Encoder<'a> {
-    /// Op code and the (1-based) `KEYS` index of `name`, added once.
-    fn op(&mut self, code: &str, name: &'a str) {
-        let idx = match self.names.iter().position(|n| *n == name) {
-            Some(i) => i + 2,
-            None => {
-                self.names.push(name);
-                self.keys.push(self.scope.key(self.prefix, name));
-                self.keys.len()
-            }
-        };
-        self.args.push(code.to_string());
-        self.args.push(idx.to_string());
-    }
-
-    fn s(&mut self, v: &str) {
-        self.args.push(v.to_string());
-    }
-
-    fn i(&mut self, v: i64) -> Result<(), StoreError> {
-        if v.unsigned_abs() > LUA_EXACT {
-            return Err(protocol(format!(
-                "integer {v} exceeds 2^53, the exact range of the Redis store's Lua script"
-            )));
-        }
-        self.args.push(v.to_string());
-        Ok(())
-    }
-}
-
-fn encode(prefix: &str, u: &Update) -> Result<Encoded, StoreError> {
-    let marker = u.scope.key(prefix, &format!("ev:{}", u.dedupe));
-    let mut e = Encoder {
-        prefix,
-        scope: &u.scope,
-        names: Vec::with_capacity(u.ops.len()),
-        keys: vec![marker],
-        args: Vec::with_capacity(1 + 6 * u.ops.len()),
-    };
-    e.i(u.ttl_ms.max(1))?;
-    for op in &u.ops {
-        match op {
-            Op::CallMax {
-                key,
-                field,
-                value,
-                ttl_ms,
-            } => {
-                e.op("M", key);
-                e.s(field);
-                e.i(*value)?;
-                e.i((*ttl_ms).max(1))?;
-            }
-            Op::Add {
-                key,
-                bucket,
-                group,
-                delta,
-                when,
-            } => {
-                e.op("A", key);
-                e.i(*bucket)?;
-                e.s(group);
-                match delta {
-                    Val::Const(v) => {
-                        e.s("=");
-                        e.i(*v)?;
-                    }
-                    Val::Ref(i) => {
-                        e.s("@");
-                        e.s(&i.to_string());
-                    }
-                }
-                e.s(&when.map(|w| w.to_string()).unwrap_or_default());
-            }
-            Op::Sum {
-                key,
-                from,
-                to,
-                prune_before,
-            } => {
-                e.op("S", key);
-                e.i(*from)?;
-                e.i(*to)?;
-                e.i(*prune_before)?;
-            }
-            Op::Mark { key, group, id, ts } => {
-                e.op("K", key);
-                e.s(group);
-                e.s(id);
-                e.i(*ts)?;
-            }
-            Op::Distinct {
-                key,
-                since,
-                prune_before,
-            } => {
-                e.op("D", key);
-                e.i(*since)?;
-                e.i(*prune_before)?;
-            }
-            Op::Has {
-                key,
-                group,
-                id,
-                since,
-            } => {
-                e.op("H", key);
-                e.s(group);
-                e.s(id);
-                e.i(*since)?;
-            }
-            Op::Span {
-                key,
-                id,
-                group,
-                start,
-                end,
-                closed,
-            } => {
-                e.op("P", key);
-                e.s(id);
-                e.s(group);
-                e.i(*start)?;
-                e.i(*end)?;
-                e.s(if *closed { "1" } else { "0" });
-            }
-            Op::Overlap {
-                key,
-                at,
-                open_horizon,
-                prune_before,
-            } => {
-                e.op("O", key);
-                e.i(*at)?;
-                e.i(*open_horizon)?;
-                e.i(*prune_before)?;
-            }
-        }
-    }
-    Ok(Encoded {
-        tag: u.scope.tag(),
-        keys: e.keys,
-        args: e.args,
-    })
-}
-
-/// Decodes the script's reply for `u`.
-fn decode(u: &Update, v: &Value) -> Result<Outcome, StoreError> {
-    let Value::Array(items) = v else {
-        return Err(protocol(format!("unexpected apply reply {v:?}")));
-    };
-    let Some((dup, rest)) = items.split_first() else {
-        return Err(protocol("empty apply reply"));
-    };
-    if rest.len() != u.ops.len() {
-        return Err(protocol(format!(
-            "apply returned {} results for {} ops",
-            rest.len(),
-            u.ops.len()
-        )));
-    }
-    let duplicate = match int(dup)? {
-        0 => false,
-        1 => true,
-        other => return Err(protocol(format!("bad duplicate flag {other}"))),
-    };
-    let results = u
-        .ops
-        .iter()
-        .zip(rest)
-        .map(|(op, v)| match op {
-            Op::CallMax { .. } | Op::Has { .. } => int(v).map(OpResult::Int),
-            Op::Sum { .. } | Op::Distinct { .. } | Op::Overlap { .. } => {
-                groups(v).map(OpResult::Groups)
-            }
-            Op::Add { .. } | Op::Mark { .. } | Op::Span { .. } => Ok(OpResult::None),
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    Ok(Outcome { duplicate, results })
 }
 
 impl RedisStore {
@@ -736,10 +244,11 @@ impl RedisStore {
         let s = Self {
             conn,
             prefix: prefix.to_string(),
-            apply: Script::new(APPLY),
+            write: Script::new(local::WRITE),
             cas: Script::new(CAS),
+            cache: Arc::new(local::SharedCache::new(DEFAULT_CACHE_BYTES)),
         };
-        s.load(&s.apply).await?;
+        s.load(&s.write).await?;
         s.load(&s.cas).await?;
         tracing::debug!(store = ?s, "redis window store connected, scripts loaded");
         Ok(s)
@@ -756,14 +265,161 @@ impl RedisStore {
         &self.prefix
     }
 
-    /// Test hook: swaps the apply script for a copy (salted with `salt`)
+    /// Bounds the scope state kept between batches to about `bytes` (0 keeps
+    /// none: every batch reads its scopes). The default is
+    /// [`DEFAULT_CACHE_BYTES`]; clones share one cache.
+    pub fn with_cache_bytes(mut self, bytes: usize) -> Self {
+        self.cache = Arc::new(local::SharedCache::new(bytes));
+        self
+    }
+
+    /// Test hook: swaps the write script for a copy (salted with `salt`)
     /// that the server has not loaded, so the next [`WindowStore::apply`]
     /// meets `NOSCRIPT` — without flushing the server's script cache under
     /// other clients.
     #[doc(hidden)]
     pub fn with_unloaded_apply_script(mut self, salt: &str) -> Self {
-        self.apply = Script::new(&format!("{APPLY}\n-- test salt: {salt}\n"));
+        self.write = Script::new(&format!("{}\n-- test salt: {salt}\n", local::WRITE));
         self
+    }
+
+    /// Runs each group of commands as one pipeline and returns the replies
+    /// per group: on one node all groups share one pipeline (one round
+    /// trip); on a cluster each group (one scope, one slot) is its own
+    /// pipeline, all in flight at once.
+    async fn pipelines(&self, groups: Vec<Vec<Cmd>>) -> Result<Vec<Vec<Value>>, StoreError> {
+        let run = |cmds: Vec<Cmd>| async move {
+            let mut pipe = redis::pipe();
+            for c in cmds {
+                pipe.add_command(c);
+            }
+            let n = pipe.cmd_iter().count();
+            let mut c = self.conn.clone();
+            let raw = c
+                .req_packed_commands(&pipe, 0, n)
+                .await
+                .map_err(store_err)?;
+            if raw.len() != n {
+                return Err(protocol(format!(
+                    "pipeline returned {} replies for {n} commands",
+                    raw.len()
+                )));
+            }
+            raw.into_iter()
+                .map(|v| v.extract_error().map_err(store_err))
+                .collect::<Result<Vec<_>, _>>()
+        };
+        match self.conn {
+            Conn::Single(_) => {
+                let sizes: Vec<usize> = groups.iter().map(Vec::len).collect();
+                let mut all = run(groups.into_iter().flatten().collect())
+                    .await?
+                    .into_iter();
+                Ok(sizes
+                    .into_iter()
+                    .map(|n| all.by_ref().take(n).collect())
+                    .collect())
+            }
+            Conn::Cluster(_) => futures::future::try_join_all(groups.into_iter().map(run)).await,
+        }
+    }
+
+    /// Commits the scopes' writes with [`local::WRITE`] and returns each
+    /// scope's status (1 written, 0 version changed, 2 marker existed). One
+    /// node: one pipeline of calls of up to [`local::SCOPES_PER_CALL`]
+    /// scopes; a cluster: one call per scope, all in flight. A call that met
+    /// `NOSCRIPT` ran nothing and is re-sent after a reload.
+    async fn commit(&self, writes: &[&local::Writes]) -> Result<Vec<i64>, StoreError> {
+        let per_call = match self.conn {
+            Conn::Single(_) => local::SCOPES_PER_CALL,
+            Conn::Cluster(_) => 1,
+        };
+        let calls: Vec<&[&local::Writes]> = writes.chunks(per_call).collect();
+        let mut replies: Vec<Option<Value>> = vec![None; calls.len()];
+        let mut pending: Vec<usize> = (0..calls.len()).collect();
+        for attempt in 0..=NOSCRIPT_RELOADS {
+            let groups = pending
+                .iter()
+                .map(|&i| vec![local::write_cmd(self.write.get_hash(), calls[i])])
+                .collect();
+            let noscript = match self.pipelines_raw(groups).await {
+                Ok(raw) => {
+                    let mut noscript = Vec::new();
+                    for (&i, v) in pending.iter().zip(raw) {
+                        match v {
+                            Ok(v) => replies[i] = Some(v),
+                            Err(e) if e.kind() == ErrorKind::NoScriptError => noscript.push(i),
+                            Err(e) => return Err(store_err(e)),
+                        }
+                    }
+                    noscript
+                }
+                Err(e) => return Err(store_err(e)),
+            };
+            if noscript.is_empty() {
+                break;
+            }
+            if attempt == NOSCRIPT_RELOADS {
+                return Err(StoreError::Unavailable(format!(
+                    "NOSCRIPT persists after {NOSCRIPT_RELOADS} reloads of the write script"
+                )));
+            }
+            tracing::warn!(
+                calls = noscript.len(),
+                "redis lost the write script (NOSCRIPT); reloading and re-sending"
+            );
+            self.load(&self.write).await?;
+            pending = noscript;
+        }
+        let mut out = Vec::with_capacity(writes.len());
+        for (call, reply) in calls.iter().zip(replies) {
+            match reply {
+                Some(Value::Array(items)) if items.len() == call.len() => {
+                    for v in &items {
+                        out.push(int(v)?);
+                    }
+                }
+                other => {
+                    return Err(protocol(format!(
+                        "write returned {other:?} for {} scopes",
+                        call.len()
+                    )));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// One command per group, each reply on its own (errors included): one
+    /// pipeline on one node; on a cluster each command on its own, all in
+    /// flight (the cluster client folds a pipeline's errors into one).
+    async fn pipelines_raw(
+        &self,
+        groups: Vec<Vec<Cmd>>,
+    ) -> Result<Vec<Result<Value, RedisError>>, RedisError> {
+        match self.conn {
+            Conn::Single(_) => {
+                let mut pipe = redis::pipe();
+                for c in groups.into_iter().flatten() {
+                    pipe.add_command(c);
+                }
+                let n = pipe.cmd_iter().count();
+                let mut c = self.conn.clone();
+                let raw = c.req_packed_commands(&pipe, 0, n).await?;
+                Ok(raw.into_iter().map(Value::extract_error).collect())
+            }
+            Conn::Cluster(_) => {
+                let all = groups.into_iter().flatten().map(|cmd| async move {
+                    let mut c = self.conn.clone();
+                    match c.req_packed_command(&cmd).await {
+                        Ok(v) => Ok(v.extract_error()),
+                        Err(e) if e.kind() == ErrorKind::NoScriptError => Ok(Err(e)),
+                        Err(e) => Err(e),
+                    }
+                });
+                futures::future::try_join_all(all).await
+            }
+        }
     }
 
     /// [`WindowStore::cas_states`] on one node: one pipeline of `EVALSHA`s
@@ -833,80 +489,6 @@ impl RedisStore {
             .map(|w| w.ok_or_else(|| protocol("missing compare-and-set reply")))
             .collect()
     }
-
-    /// Runs `batch` as one pipeline of `EVALSHA`s (each over up to
-    /// [`UPDATES_PER_CALL`] consecutive updates) and returns one reply per
-    /// update, re-loading the script and re-sending only the calls that met
-    /// `NOSCRIPT` (a call that met it ran none of its updates).
-    async fn eval_pipeline(&self, batch: &[&Encoded]) -> Result<Vec<Value>, StoreError> {
-        let chunks: Vec<&[&Encoded]> = batch.chunks(UPDATES_PER_CALL).collect();
-        let mut replies: Vec<Option<Value>> = vec![None; chunks.len()];
-        let mut pending: Vec<usize> = (0..chunks.len()).collect();
-        for attempt in 0..=NOSCRIPT_RELOADS {
-            let mut pipe = redis::pipe();
-            for &i in &pending {
-                pipe.add_command(chunk_cmd(self.apply.get_hash(), chunks[i]));
-            }
-            let mut c = self.conn.clone();
-            // The per-command replies, errors included (`Pipeline::query_async`
-            // would stop at the first error and hide which updates ran).
-            let noscript = match c.req_packed_commands(&pipe, 0, pending.len()).await {
-                Ok(raw) => {
-                    if raw.len() != pending.len() {
-                        return Err(protocol(format!(
-                            "pipeline returned {} replies for {} commands",
-                            raw.len(),
-                            pending.len()
-                        )));
-                    }
-                    let mut noscript = Vec::new();
-                    for (&i, v) in pending.iter().zip(raw) {
-                        match v.extract_error() {
-                            Ok(v) => replies[i] = Some(v),
-                            Err(e) if e.kind() == ErrorKind::NoScriptError => noscript.push(i),
-                            Err(e) => return Err(store_err(e)),
-                        }
-                    }
-                    noscript
-                }
-                // The cluster client folds per-command errors into one: all
-                // of this (single-slot) pipeline is re-sent. Only a script
-                // flush in the middle of the pipeline could then report an
-                // update that ran as a duplicate — as a connection lost
-                // mid-batch does anyway.
-                Err(e) if e.kind() == ErrorKind::NoScriptError => pending.clone(),
-                Err(e) => return Err(store_err(e)),
-            };
-            if noscript.is_empty() {
-                break;
-            }
-            if attempt == NOSCRIPT_RELOADS {
-                return Err(StoreError::Unavailable(format!(
-                    "NOSCRIPT persists after {NOSCRIPT_RELOADS} reloads of the apply script"
-                )));
-            }
-            tracing::warn!(
-                calls = noscript.len(),
-                "redis lost the apply script (NOSCRIPT); reloading and re-sending"
-            );
-            self.load(&self.apply).await?;
-            pending = noscript;
-        }
-        let mut out = Vec::with_capacity(batch.len());
-        for (chunk, reply) in chunks.iter().zip(replies) {
-            match reply {
-                Some(Value::Array(items)) if items.len() == chunk.len() => out.extend(items),
-                Some(other) => {
-                    return Err(protocol(format!(
-                        "apply returned {other:?} for {} updates",
-                        chunk.len()
-                    )));
-                }
-                None => return Err(protocol("missing apply reply")),
-            }
-        }
-        Ok(out)
-    }
 }
 
 #[async_trait]
@@ -915,57 +497,109 @@ impl WindowStore for RedisStore {
         if updates.is_empty() {
             return Ok(Vec::new());
         }
-        let encoded = updates
-            .iter()
-            .map(|u| encode(&self.prefix, u))
-            .collect::<Result<Vec<_>, _>>()?;
-        tracing::debug!(
-            updates = updates.len(),
-            keys = encoded.iter().map(|e| e.keys.len()).sum::<usize>(),
-            "redis apply"
-        );
-        let replies = match self.conn {
-            Conn::Single(_) => {
-                // Grouped by scope (stable, so each scope keeps its order):
-                // a call then carries consecutive updates of one scope and
-                // the script parses each of its hashes once per call.
-                // Updates of different scopes touch disjoint keys, so their
-                // relative order is unobservable.
-                let mut order: Vec<usize> = (0..encoded.len()).collect();
-                order.sort_by(|&a, &b| encoded[a].tag.cmp(&encoded[b].tag));
-                let sorted: Vec<&Encoded> = order.iter().map(|&i| &encoded[i]).collect();
-                let part = self.eval_pipeline(&sorted).await?;
-                let mut replies = vec![Value::Nil; updates.len()];
-                for (i, v) in order.into_iter().zip(part) {
-                    replies[i] = v;
-                }
-                replies
+        for u in updates {
+            local::check_ints(u)?;
+        }
+        let jobs = local::jobs(&self.prefix, updates)?;
+        let mut outcomes: Vec<Option<Outcome>> = vec![None; updates.len()];
+        let mut pending: Vec<usize> = (0..jobs.len()).collect();
+        let (mut rounds, mut reads, mut conflicts) = (0, 0, 0);
+        while !pending.is_empty() {
+            if rounds == local::MAX_ROUNDS {
+                return Err(StoreError::Unavailable(format!(
+                    "{} scopes still contended after {rounds} rounds",
+                    pending.len()
+                )));
             }
-            Conn::Cluster(_) => {
-                // A cluster pipeline must stay in one slot: one per scope,
-                // all in flight at once, order kept within each scope.
-                let mut by_tag: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
-                for (i, e) in encoded.iter().enumerate() {
-                    by_tag.entry(&e.tag).or_default().push(i);
-                }
-                let parts = futures::future::try_join_all(by_tag.into_values().map(|idx| {
-                    let batch: Vec<&Encoded> = idx.iter().map(|&i| &encoded[i]).collect();
-                    async move { self.eval_pipeline(&batch).await.map(|r| (idx, r)) }
-                }))
-                .await?;
-                let mut replies = vec![Value::Nil; updates.len()];
-                for (idx, part) in parts {
-                    for (i, v) in idx.into_iter().zip(part) {
-                        replies[i] = v;
+            rounds += 1;
+            // 1. State: cached, with the keys it lacks read, else read in
+            //    full; all reads of the round in one round trip.
+            let needs: Vec<local::Need> = {
+                let mut cache = self.cache.lock();
+                pending.iter().map(|&j| cache.take(&jobs[j])).collect()
+            };
+            let mut groups = Vec::new();
+            for (need, &j) in needs.iter().zip(&pending) {
+                let job = &jobs[j];
+                match need {
+                    local::Need::Ready(_) => {}
+                    local::Need::Partial(_, missing) => {
+                        groups.push(local::read_cmds(&job.vkey, missing, &[]));
+                    }
+                    local::Need::Full => {
+                        reads += 1;
+                        groups.push(local::read_cmds(&job.vkey, &job.keys, &job.markers));
                     }
                 }
-                replies
             }
-        };
-        updates
-            .iter()
-            .zip(&replies)
-            .map(|(u, v)| decode(u, v))
+            let mut replies = if groups.is_empty() {
+                Vec::new()
+            } else {
+                self.pipelines(groups).await?
+            }
+            .into_iter();
+            let mut ready: Vec<(usize, local::State)> = Vec::with_capacity(pending.len());
+            let mut retry = Vec::new();
+            for (need, &j) in needs.into_iter().zip(&pending) {
+                match need {
+                    local::Need::Ready(st) => ready.push((j, st)),
+                    local::Need::Partial(mut st, missing) => {
+                        let r = replies.next().unwrap_or_default();
+                        if local::merge_partial(&mut st, &missing, &r)? {
+                            ready.push((j, st));
+                        } else {
+                            // Changed by another writer: read in full.
+                            conflicts += 1;
+                            retry.push(j);
+                        }
+                    }
+                    local::Need::Full => {
+                        let r = replies.next().unwrap_or_default();
+                        ready.push((j, local::parse_full(&jobs[j], &r)?));
+                    }
+                }
+            }
+            // 2. The ops, here.
+            let runs: Vec<(Vec<Outcome>, local::Writes)> = ready
+                .iter_mut()
+                .map(|(j, st)| local::run(&self.prefix, &jobs[*j], updates, st))
+                .collect();
+            // 3. Commit under the version check.
+            let writes: Vec<&local::Writes> = runs.iter().map(|(_, w)| w).collect();
+            let status = if writes.is_empty() {
+                Vec::new()
+            } else {
+                self.commit(&writes).await?
+            };
+            let mut cache = self.cache.lock();
+            for ((j, mut st), ((outs, w), ok)) in
+                ready.into_iter().zip(runs.into_iter().zip(status))
+            {
+                if ok == 1 {
+                    for (&i, o) in jobs[j].idx.iter().zip(outs) {
+                        outcomes[i] = Some(o);
+                    }
+                    if !w.args.is_empty() {
+                        st.version = Some(w.new);
+                    }
+                    cache.put(&jobs[j], st);
+                } else {
+                    conflicts += 1;
+                    retry.push(j);
+                }
+            }
+            pending = retry;
+        }
+        tracing::debug!(
+            updates = updates.len(),
+            scopes = jobs.len(),
+            reads,
+            conflicts,
+            "redis apply"
+        );
+        outcomes
+            .into_iter()
+            .map(|o| o.ok_or_else(|| protocol("missing outcome")))
             .collect()
     }
 

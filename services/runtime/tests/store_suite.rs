@@ -776,7 +776,8 @@ async fn duplicates_skip_writes_but_answer_reads(h: &Harness) {
 }
 
 /// Every key written carries its TTL: the update's for the marker and the
-/// scope keys, CallMax's own for the call key, the state's for a state.
+/// scope keys, CallMax's own for the call key, the state's for a state (on
+/// Redis also the scope's version key, the longest TTL written with it).
 /// Reads and zero deltas create no key. All keys of a scope share its tag.
 async fn every_key_written_expires(h: &Harness) {
     let c = cust();
@@ -821,11 +822,18 @@ async fn every_key_written_expires(h: &Harness) {
             let mut raw = raw.clone();
             let base = format!("{}{{c:k1:abc}}:", h.prefix);
             let keys = raw.scan(&h.prefix).await;
-            let mut expected: Vec<String> =
-                ["ev:kpn/auto-0", "call:c", "sh", "hl", "sp", "st:inc:x"]
-                    .iter()
-                    .map(|n| format!("{base}{n}"))
-                    .collect();
+            let mut expected: Vec<String> = [
+                "ev:kpn/auto-0",
+                "call:c",
+                "sh",
+                "hl",
+                "sp",
+                "st:inc:x",
+                "ver",
+            ]
+            .iter()
+            .map(|n| format!("{base}{n}"))
+            .collect();
             expected.sort();
             assert_eq!(
                 keys, expected,
@@ -1318,6 +1326,49 @@ proptest! {
             let audit = audit();
             let a = mem.apply(&audit).await.unwrap();
             let b = redis.apply(&audit).await.unwrap();
+            prop_assert_eq!(a, b, "final states differ");
+            Ok(())
+        })?;
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+
+    /// Two Redis stores on the same keys (two correlators, each with its
+    /// own cache of scope state) taking turns: every commit of one makes the
+    /// other's cached state stale, which the version check must catch; a
+    /// re-send through the other store is a duplicate its cache cannot know
+    /// about. Outcomes stay those of one memory store, and the cache can be
+    /// off altogether.
+    #[test]
+    fn redis_stores_sharing_scopes_agree_with_memory(
+        updates in updates(),
+        batches in prop::collection::vec((1usize..6, 0usize..3), 40),
+    ) {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            let p = unique_prefix("prop2");
+            let mem = MemoryStore::new(&p);
+            let stores = [
+                connect_redis(&p).await,
+                connect_redis(&p).await,
+                connect_redis(&p).await.with_cache_bytes(0),
+            ];
+            let mut rest: &[Update] = &updates;
+            for (n, who) in batches.iter().copied() {
+                if rest.is_empty() {
+                    break;
+                }
+                let (chunk, tail) = rest.split_at(n.min(rest.len()));
+                rest = tail;
+                let a = mem.apply(chunk).await.unwrap();
+                let b = stores[who].apply(chunk).await.unwrap();
+                prop_assert_eq!(a, b, "outcomes differ (store {}) for {:?}", who, chunk);
+            }
+            let audit = audit();
+            let a = mem.apply(&audit).await.unwrap();
+            let b = stores[0].apply(&audit).await.unwrap();
             prop_assert_eq!(a, b, "final states differ");
             Ok(())
         })?;
