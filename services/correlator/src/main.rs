@@ -62,6 +62,12 @@ fn detector(cfg: &CorrelatorConfig) -> Result<Detector, ConfigError> {
     Detector::new(rules, policies, HotList::default())
 }
 
+/// mimalloc instead of glibc malloc: the hot paths allocate many small
+/// strings per event, and glibc's free-list consolidation alone took ~10 %
+/// of the correlator's CPU (BENCHMARKS.md, round 4).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() {
     let args = Args::parse();
     telemetry::init("correlator");

@@ -91,6 +91,12 @@ fn load_all(mut cfg: NotifierConfig) -> Result<Loaded, ConfigError> {
     })
 }
 
+/// mimalloc instead of glibc malloc: the hot paths allocate many small
+/// strings per event, and glibc's free-list consolidation alone took ~10 %
+/// of the correlator's CPU (BENCHMARKS.md, round 4).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() {
     let args = Args::parse();
     telemetry::init("notifier");
