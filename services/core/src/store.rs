@@ -15,7 +15,14 @@
 //! version check. One shared test suite (`tests/store_suite.rs`) runs
 //! against both.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::BTreeMap;
+
+/// The hash map of window state: foldhash (fast, seeded at random per
+/// process) instead of SipHash, which was ~8 % of the correlator's CPU
+/// (BENCHMARKS.md, round 4). Keys are pseudonymous tokens and ids.
+pub type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
+/// The hash set of window state (see [`HashMap`]).
+pub type HashSet<K> = std::collections::HashSet<K, foldhash::fast::RandomState>;
 use std::fmt;
 use std::sync::Mutex;
 
@@ -388,11 +395,11 @@ impl Inner {
         match self
             .data
             .entry(key.to_string())
-            .or_insert_with(|| Value::Hash(HashMap::new()))
+            .or_insert_with(|| Value::Hash(HashMap::default()))
         {
             Value::Hash(h) => h,
             other => {
-                *other = Value::Hash(HashMap::new());
+                *other = Value::Hash(HashMap::default());
                 match other {
                     Value::Hash(h) => h,
                     _ => unreachable!(),
@@ -406,11 +413,11 @@ impl Inner {
         match self
             .data
             .entry(key.to_string())
-            .or_insert_with(|| Value::ZSet(HashMap::new()))
+            .or_insert_with(|| Value::ZSet(HashMap::default()))
         {
             Value::ZSet(h) => h,
             other => {
-                *other = Value::ZSet(HashMap::new());
+                *other = Value::ZSet(HashMap::default());
                 match other {
                     Value::ZSet(h) => h,
                     _ => unreachable!(),
@@ -424,11 +431,11 @@ impl Inner {
         match self
             .data
             .entry(key.to_string())
-            .or_insert_with(|| Value::Spans(HashMap::new()))
+            .or_insert_with(|| Value::Spans(HashMap::default()))
         {
             Value::Spans(h) => h,
             other => {
-                *other = Value::Spans(HashMap::new());
+                *other = Value::Spans(HashMap::default());
                 match other {
                     Value::Spans(h) => h,
                     _ => unreachable!(),
@@ -548,7 +555,7 @@ impl Inner {
                 }
                 let z = self.zset(&key);
                 z.retain(|_, ts| *ts >= *prune_before);
-                let mut ids = HashSet::new();
+                let mut ids = HashSet::default();
                 let mut g = Groups::default();
                 for (m, ts) in z.iter() {
                     if *ts >= *since {
@@ -639,7 +646,7 @@ impl Keyspace {
     pub fn new() -> Self {
         Self {
             inner: Inner {
-                touched: Some(HashMap::new()),
+                touched: Some(HashMap::default()),
                 ..Inner::default()
             },
         }
@@ -823,11 +830,11 @@ impl WindowStore for MemoryStore {
         let e = g
             .data
             .entry(k)
-            .or_insert_with(|| Value::Set(HashSet::new()));
+            .or_insert_with(|| Value::Set(HashSet::default()));
         if let Value::Set(s) = e {
             Ok(s.insert(member.to_string()))
         } else {
-            *e = Value::Set(HashSet::from([member.to_string()]));
+            *e = Value::Set(HashSet::from_iter([member.to_string()]));
             Ok(true)
         }
     }

@@ -20,10 +20,12 @@
 //!   applied atomically, once, on the exact state it was evaluated on. See
 //!   `redis_store/local.rs`. (Until 2026-11 a Lua script interpreted every
 //!   op inside Redis; that cost ~120 µs of Redis CPU per event.)
-//! * **Two round trips per batch at most.** One read of the scopes not
-//!   cached and one pipeline of `EVALSHA`s of the write script (up to
-//!   `SCOPES_PER_CALL` scopes each), plus one read-and-write round per
-//!   round of conflicts. Every key of a scope is under the scope's `{<tag>}`;
+//! * **One read, then writes overlapping the work.** One read of the
+//!   scopes not cached, then the scopes run in chunks (`SCOPES_PER_CHUNK`):
+//!   each chunk's pipeline of `EVALSHA`s of the write script (up to
+//!   `SCOPES_PER_CALL` scopes each) goes out as a task of its own while the
+//!   next chunk runs here, so Redis and the correlator work at the same
+//!   time; plus one read-and-write round per round of conflicts. Every key of a scope is under the scope's `{<tag>}`;
 //!   on a cluster the reads and writes go per scope (one slot each), all in
 //!   flight at once. The script is loaded at connect; when the server has
 //!   lost it (`NOSCRIPT` after a restart or `SCRIPT FLUSH`), it is loaded
@@ -120,6 +122,51 @@ impl ConnectionLike for Conn {
         match self {
             Conn::Single(c) => c.get_db(),
             Conn::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+/// Replies of write calls sent as a task of their own ([`RedisStore::send`]).
+type Sent = tokio::task::JoinHandle<Result<Vec<Result<Value, RedisError>>, RedisError>>;
+
+/// The per-scope statuses of one [`local::WRITE`] call over `n` scopes.
+fn call_statuses(n: usize, reply: Option<Value>) -> Result<Vec<i64>, StoreError> {
+    match reply {
+        Some(Value::Array(items)) if items.len() == n => items.iter().map(int).collect(),
+        other => Err(protocol(format!("write returned {other:?} for {n} scopes"))),
+    }
+}
+
+/// One command per group, each reply on its own (errors included): one
+/// pipeline on one node; on a cluster each command on its own, all in
+/// flight (the cluster client folds a pipeline's errors into one). Owns its
+/// connection, so it can run as a task of its own.
+async fn raw_calls(
+    conn: Conn,
+    groups: Vec<Vec<Cmd>>,
+) -> Result<Vec<Result<Value, RedisError>>, RedisError> {
+    match conn {
+        Conn::Single(mut c) => {
+            let mut pipe = redis::pipe();
+            for cmd in groups.into_iter().flatten() {
+                pipe.add_command(cmd);
+            }
+            let n = pipe.cmd_iter().count();
+            let raw = c.req_packed_commands(&pipe, 0, n).await?;
+            Ok(raw.into_iter().map(Value::extract_error).collect())
+        }
+        Conn::Cluster(c) => {
+            let all = groups.into_iter().flatten().map(|cmd| {
+                let mut c = c.clone();
+                async move {
+                    match c.req_packed_command(&cmd).await {
+                        Ok(v) => Ok(v.extract_error()),
+                        Err(e) if e.kind() == ErrorKind::NoScriptError => Ok(Err(e)),
+                        Err(e) => Err(e),
+                    }
+                }
+            });
+            futures::future::try_join_all(all).await
         }
     }
 }
@@ -330,11 +377,7 @@ impl RedisStore {
     /// scopes; a cluster: one call per scope, all in flight. A call that met
     /// `NOSCRIPT` ran nothing and is re-sent after a reload.
     async fn commit(&self, writes: &[&local::Writes]) -> Result<Vec<i64>, StoreError> {
-        let per_call = match self.conn {
-            Conn::Single(_) => local::SCOPES_PER_CALL,
-            Conn::Cluster(_) => 1,
-        };
-        let calls: Vec<&[&local::Writes]> = writes.chunks(per_call).collect();
+        let calls: Vec<&[&local::Writes]> = writes.chunks(self.scopes_per_call()).collect();
         let mut replies: Vec<Option<Value>> = vec![None; calls.len()];
         let mut pending: Vec<usize> = (0..calls.len()).collect();
         for attempt in 0..=NOSCRIPT_RELOADS {
@@ -373,21 +416,81 @@ impl RedisStore {
         }
         let mut out = Vec::with_capacity(writes.len());
         for (call, reply) in calls.iter().zip(replies) {
-            match reply {
-                Some(Value::Array(items)) if items.len() == call.len() => {
-                    for v in &items {
-                        out.push(int(v)?);
-                    }
-                }
-                other => {
-                    return Err(protocol(format!(
-                        "write returned {other:?} for {} scopes",
-                        call.len()
-                    )));
-                }
-            }
+            out.extend(call_statuses(call.len(), reply)?);
         }
         Ok(out)
+    }
+
+    /// Scopes per [`local::WRITE`] call: [`local::SCOPES_PER_CALL`] on one
+    /// node, one on a cluster (a call stays in one slot).
+    fn scopes_per_call(&self) -> usize {
+        match self.conn {
+            Conn::Single(_) => local::SCOPES_PER_CALL,
+            Conn::Cluster(_) => 1,
+        }
+    }
+
+    /// Sends the scopes' writes as a task of its own, so Redis runs them
+    /// while this process computes the next scopes' writes; [`Self::finish`]
+    /// collects the statuses.
+    fn send(&self, writes: &[&local::Writes]) -> Sent {
+        let groups = writes
+            .chunks(self.scopes_per_call())
+            .map(|c| vec![local::write_cmd(self.write.get_hash(), c)])
+            .collect();
+        tokio::spawn(raw_calls(self.conn.clone(), groups))
+    }
+
+    /// The statuses of writes [`Self::send`] sent (as [`Self::commit`]
+    /// returns them); calls that met `NOSCRIPT` ran nothing and go again
+    /// through [`Self::commit`], which reloads the script.
+    async fn finish(&self, writes: &[&local::Writes], sent: Sent) -> Result<Vec<i64>, StoreError> {
+        let raw = sent
+            .await
+            .map_err(|e| StoreError::Unavailable(format!("redis write task: {e}")))?
+            .map_err(store_err)?;
+        let calls: Vec<&[&local::Writes]> = writes.chunks(self.scopes_per_call()).collect();
+        if raw.len() != calls.len() {
+            return Err(protocol(format!(
+                "pipeline returned {} replies for {} write calls",
+                raw.len(),
+                calls.len()
+            )));
+        }
+        let mut out: Vec<Option<Vec<i64>>> = Vec::with_capacity(calls.len());
+        let mut again: Vec<&local::Writes> = Vec::new();
+        for (call, reply) in calls.iter().zip(raw) {
+            match reply {
+                Ok(v) => out.push(Some(call_statuses(call.len(), Some(v))?)),
+                Err(e) if e.kind() == ErrorKind::NoScriptError => {
+                    again.extend(call.iter().copied());
+                    out.push(None);
+                }
+                Err(e) => return Err(store_err(e)),
+            }
+        }
+        let mut resent = if again.is_empty() {
+            Vec::new()
+        } else {
+            tracing::warn!(
+                scopes = again.len(),
+                "redis lost the write script (NOSCRIPT); reloading and re-sending"
+            );
+            self.load(&self.write).await?;
+            self.commit(&again).await?
+        }
+        .into_iter();
+        let mut all = Vec::with_capacity(writes.len());
+        for (call, o) in calls.iter().zip(out) {
+            match o {
+                Some(v) => all.extend(v),
+                None => all.extend(resent.by_ref().take(call.len())),
+            }
+        }
+        if all.len() != writes.len() {
+            return Err(protocol("missing write status after NOSCRIPT"));
+        }
+        Ok(all)
     }
 
     /// One command per group, each reply on its own (errors included): one
@@ -397,29 +500,7 @@ impl RedisStore {
         &self,
         groups: Vec<Vec<Cmd>>,
     ) -> Result<Vec<Result<Value, RedisError>>, RedisError> {
-        match self.conn {
-            Conn::Single(_) => {
-                let mut pipe = redis::pipe();
-                for c in groups.into_iter().flatten() {
-                    pipe.add_command(c);
-                }
-                let n = pipe.cmd_iter().count();
-                let mut c = self.conn.clone();
-                let raw = c.req_packed_commands(&pipe, 0, n).await?;
-                Ok(raw.into_iter().map(Value::extract_error).collect())
-            }
-            Conn::Cluster(_) => {
-                let all = groups.into_iter().flatten().map(|cmd| async move {
-                    let mut c = self.conn.clone();
-                    match c.req_packed_command(&cmd).await {
-                        Ok(v) => Ok(v.extract_error()),
-                        Err(e) if e.kind() == ErrorKind::NoScriptError => Ok(Err(e)),
-                        Err(e) => Err(e),
-                    }
-                });
-                futures::future::try_join_all(all).await
-            }
-        }
+        raw_calls(self.conn.clone(), groups).await
     }
 
     /// [`WindowStore::cas_states`] on one node: one pipeline of `EVALSHA`s
@@ -559,18 +640,33 @@ impl WindowStore for RedisStore {
                     }
                 }
             }
-            // 2. The ops, here.
-            let runs: Vec<(Vec<Outcome>, local::Writes)> = ready
-                .iter_mut()
-                .map(|(j, st)| local::run(&self.prefix, &jobs[*j], updates, st))
+            // 2. The ops, here, and 3. the commit under the version check:
+            //    chunk by chunk, each chunk's writes sent while the next
+            //    chunk runs (scopes are independent: their order does not
+            //    matter).
+            let mut runs: Vec<(Vec<Outcome>, local::Writes)> = Vec::with_capacity(ready.len());
+            let mut sent = Vec::new();
+            for chunk in ready.chunks_mut(local::SCOPES_PER_CHUNK) {
+                let from = runs.len();
+                runs.extend(
+                    chunk
+                        .iter_mut()
+                        .map(|(j, st)| local::run(&self.prefix, &jobs[*j], updates, st)),
+                );
+                let writes: Vec<&local::Writes> = runs[from..].iter().map(|(_, w)| w).collect();
+                sent.push((from, self.send(&writes)));
+            }
+            let mut status = Vec::with_capacity(runs.len());
+            let ends: Vec<usize> = sent
+                .iter()
+                .skip(1)
+                .map(|(from, _)| *from)
+                .chain([runs.len()])
                 .collect();
-            // 3. Commit under the version check.
-            let writes: Vec<&local::Writes> = runs.iter().map(|(_, w)| w).collect();
-            let status = if writes.is_empty() {
-                Vec::new()
-            } else {
-                self.commit(&writes).await?
-            };
+            for ((from, handle), to) in sent.into_iter().zip(ends) {
+                let writes: Vec<&local::Writes> = runs[from..to].iter().map(|(_, w)| w).collect();
+                status.extend(self.finish(&writes, handle).await?);
+            }
             let mut cache = self.cache.lock();
             for ((j, mut st), ((outs, w), ok)) in
                 ready.into_iter().zip(runs.into_iter().zip(status))

@@ -1001,6 +1001,70 @@ async fn empty_batches_and_updates(h: &Harness) {
     );
 }
 
+/// One batch over more scopes than the Redis store runs before sending
+/// their writes (it sends a chunk's writes while the next chunk runs):
+/// every scope's updates apply in order, once, and a re-sent update in the
+/// same batch is a duplicate; a second batch sees every write.
+async fn a_batch_over_many_scopes(h: &Harness) {
+    const SCOPES: i64 = 300;
+    let scope = |i: i64| Scope::Customer(format!("k1:many{i}"));
+    let mut batch = Vec::new();
+    for i in 0..SCOPES {
+        let first = update(
+            &scope(i),
+            "kpn/m1",
+            vec![add("sh", 1, "kpn", Val::Const(i + 1)), sum("sh", 0, 10, 0)],
+        );
+        batch.push(first.clone());
+        batch.push(update(
+            &scope(i),
+            "bt/m2",
+            vec![add("sh", 2, "bt", Val::Const(1)), sum("sh", 0, 10, 0)],
+        ));
+        batch.push(first);
+    }
+    let out = h.apply(&batch).await;
+    assert_eq!(out.len(), batch.len());
+    for i in 0..SCOPES {
+        let o = &out[(3 * i) as usize..(3 * i + 3) as usize];
+        let n = i + 1;
+        assert_eq!(
+            o,
+            [
+                Outcome {
+                    duplicate: false,
+                    results: vec![NONE, g(n, &[("kpn", n)])]
+                },
+                Outcome {
+                    duplicate: false,
+                    results: vec![NONE, g(n + 1, &[("kpn", n), ("bt", 1)])]
+                },
+                Outcome {
+                    duplicate: true,
+                    results: vec![NONE, g(n + 1, &[("kpn", n), ("bt", 1)])]
+                },
+            ],
+            "scope {i}"
+        );
+    }
+    let reads: Vec<Update> = (0..SCOPES)
+        .map(|i| update(&scope(i), &format!("read/{i}"), vec![sum("sh", 0, 10, 0)]))
+        .collect();
+    // On Redis a second store (no cached state) reads what was written.
+    let fresh: Arc<dyn WindowStore> = match &h.backend {
+        Backend::Memory(_) => h.store.clone(),
+        Backend::Redis(_) => Arc::new(connect_redis(&h.prefix).await),
+    };
+    let again = fresh.apply(&reads).await.expect("apply");
+    for (i, o) in (0..SCOPES).zip(&again) {
+        assert_eq!(
+            o.results,
+            vec![g(i + 2, &[("kpn", i + 1), ("bt", 1)])],
+            "scope {i}"
+        );
+    }
+}
+
 macro_rules! suite {
     ($($test:ident),* $(,)?) => {
         /// The suite against [`MemoryStore`].
@@ -1036,6 +1100,7 @@ suite!(
     cas_states_apply_in_order,
     sets_add_and_list_sorted,
     empty_batches_and_updates,
+    a_batch_over_many_scopes,
 );
 
 // ---------------------------------------------------------------------------

@@ -34,12 +34,11 @@
 //! state and the commit (only a key untouched for its whole TTL, within
 //! milliseconds) keeps only the fields the batch changed.
 
-use std::collections::HashMap;
 use std::sync::Mutex;
 
 use redis::{Cmd, Value};
 use tollguard_core::StoreError;
-use tollguard_core::store::{Keyspace, Op, Outcome, Update, Value as Kv};
+use tollguard_core::store::{HashMap, Keyspace, Op, Outcome, Update, Value as Kv};
 
 use super::{LUA_EXACT, protocol};
 
@@ -125,6 +124,10 @@ const KEEP_USES: u64 = 8;
 /// Arguments per written command (unpack in Lua is bounded by its C stack).
 const ARGS_PER_CMD: usize = 512;
 
+/// Scopes run before their writes are sent (the writes of one chunk are in
+/// flight while the next chunk runs).
+pub(super) const SCOPES_PER_CHUNK: usize = 128;
+
 /// Scopes per `WRITE` call on one node (keeps each call short: Redis runs
 /// one script at a time).
 pub(super) const SCOPES_PER_CALL: usize = 64;
@@ -208,7 +211,7 @@ pub(super) struct Job {
 /// Groups `updates` by scope (first-seen order; each scope keeps its order).
 pub(super) fn jobs(prefix: &str, updates: &[Update]) -> Result<Vec<Job>, StoreError> {
     let mut out: Vec<Job> = Vec::new();
-    let mut at: HashMap<String, usize> = HashMap::new();
+    let mut at: HashMap<String, usize> = HashMap::default();
     for (i, u) in updates.iter().enumerate() {
         let tag = u.scope.tag();
         let j = match at.get(&tag) {
@@ -295,7 +298,7 @@ pub(super) struct State {
 impl Cache {
     pub fn new(budget: usize) -> Self {
         Self {
-            entries: HashMap::new(),
+            entries: HashMap::default(),
             bytes: 0,
             budget,
             tick: 0,
@@ -571,7 +574,7 @@ pub(super) fn parse_full(job: &Job, replies: &[Value]) -> Result<State, StoreErr
     let mut st = State {
         version: version_of(&replies[0])?,
         space: Keyspace::new(),
-        kinds: HashMap::with_capacity(job.keys.len()),
+        kinds: HashMap::with_capacity_and_hasher(job.keys.len(), Default::default()),
         uses: 0,
     };
     load_keys(&mut st, &job.keys, &replies[1..want - 1])?;
@@ -725,7 +728,7 @@ pub(super) fn run(
                 ("Z", "R")
             }
             (before, Some(Kv::Spans(a))) => {
-                let empty = HashMap::new();
+                let empty = HashMap::default();
                 let b = match before {
                     Some(Kv::Spans(b)) => b,
                     _ => &empty,
