@@ -21,11 +21,14 @@
 //!   `redis_store/local.rs`. (Until 2026-11 a Lua script interpreted every
 //!   op inside Redis; that cost ~120 µs of Redis CPU per event.)
 //! * **One read, then writes overlapping the work.** One read of the
-//!   scopes not cached, then the scopes run in chunks (`SCOPES_PER_CHUNK`):
-//!   each chunk's pipeline of `EVALSHA`s of the write script (up to
-//!   `SCOPES_PER_CALL` scopes each) goes out as a task of its own while the
-//!   next chunk runs here, so Redis and the correlator work at the same
-//!   time; plus one read-and-write round per round of conflicts. Every key of a scope is under the scope's `{<tag>}`;
+//!   scopes not cached, then the scopes run in chunks (up to
+//!   `SCOPES_PER_CHUNK` scopes or `UPDATES_PER_CHUNK` updates; a chunk with
+//!   enough updates runs on two threads, its scopes split by their number of
+//!   updates): each chunk's pipeline of `EVALSHA`s of the write script (up
+//!   to `SCOPES_PER_CALL` scopes each) goes out as a task of its own while
+//!   the next chunk runs here, so Redis and the correlator work at the same
+//!   time; plus one read-and-write round per round of conflicts. The debug
+//!   log `redis apply` gives each batch's read, run and write-wait time. Every key of a scope is under the scope's `{<tag>}`;
 //!   on a cluster the reads and writes go per scope (one slot each), all in
 //!   flight at once. The script is loaded at connect; when the server has
 //!   lost it (`NOSCRIPT` after a restart or `SCRIPT FLUSH`), it is loaded
@@ -585,6 +588,10 @@ impl WindowStore for RedisStore {
         let mut outcomes: Vec<Option<Outcome>> = vec![None; updates.len()];
         let mut pending: Vec<usize> = (0..jobs.len()).collect();
         let (mut rounds, mut reads, mut conflicts) = (0, 0, 0);
+        // Where a batch's time goes (debug log): reading, running the ops
+        // here, and waiting for Redis to finish the writes.
+        let t0 = std::time::Instant::now();
+        let (mut read_us, mut run_us, mut write_wait_us) = (0u128, 0u128, 0u128);
         while !pending.is_empty() {
             if rounds == local::MAX_ROUNDS {
                 return Err(StoreError::Unavailable(format!(
@@ -613,12 +620,15 @@ impl WindowStore for RedisStore {
                     }
                 }
             }
+            let tr = std::time::Instant::now();
             let mut replies = if groups.is_empty() {
                 Vec::new()
             } else {
                 self.pipelines(groups).await?
             }
             .into_iter();
+            read_us += tr.elapsed().as_micros();
+            let tr = std::time::Instant::now();
             let mut ready: Vec<(usize, local::State)> = Vec::with_capacity(pending.len());
             let mut retry = Vec::new();
             for (need, &j) in needs.into_iter().zip(&pending) {
@@ -646,16 +656,18 @@ impl WindowStore for RedisStore {
             //    matter).
             let mut runs: Vec<(Vec<Outcome>, local::Writes)> = Vec::with_capacity(ready.len());
             let mut sent = Vec::new();
-            for chunk in ready.chunks_mut(local::SCOPES_PER_CHUNK) {
+            let mut rest: &mut [(usize, local::State)] = &mut ready;
+            while !rest.is_empty() {
+                let cut = local::chunk_len(&jobs, rest);
+                let (chunk, tail) = std::mem::take(&mut rest).split_at_mut(cut);
+                rest = tail;
                 let from = runs.len();
-                runs.extend(
-                    chunk
-                        .iter_mut()
-                        .map(|(j, st)| local::run(&self.prefix, &jobs[*j], updates, st)),
-                );
+                runs.extend(local::run_all(&self.prefix, &jobs, updates, chunk));
                 let writes: Vec<&local::Writes> = runs[from..].iter().map(|(_, w)| w).collect();
                 sent.push((from, self.send(&writes)));
             }
+            run_us += tr.elapsed().as_micros();
+            let tw = std::time::Instant::now();
             let mut status = Vec::with_capacity(runs.len());
             let ends: Vec<usize> = sent
                 .iter()
@@ -667,6 +679,7 @@ impl WindowStore for RedisStore {
                 let writes: Vec<&local::Writes> = runs[from..to].iter().map(|(_, w)| w).collect();
                 status.extend(self.finish(&writes, handle).await?);
             }
+            write_wait_us += tw.elapsed().as_micros();
             let mut cache = self.cache.lock();
             for ((j, mut st), ((outs, w), ok)) in
                 ready.into_iter().zip(runs.into_iter().zip(status))
@@ -691,6 +704,10 @@ impl WindowStore for RedisStore {
             scopes = jobs.len(),
             reads,
             conflicts,
+            total_us = t0.elapsed().as_micros(),
+            read_us,
+            run_us,
+            write_wait_us,
             "redis apply"
         );
         outcomes

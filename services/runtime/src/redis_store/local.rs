@@ -124,9 +124,23 @@ const KEEP_USES: u64 = 8;
 /// Arguments per written command (unpack in Lua is bounded by its C stack).
 const ARGS_PER_CMD: usize = 512;
 
-/// Scopes run before their writes are sent (the writes of one chunk are in
-/// flight while the next chunk runs).
+/// Scopes, and updates, run before their writes are sent (the writes of
+/// one chunk are in flight while the next chunk runs); a chunk ends at
+/// whichever bound it reaches first (a scope is never split).
 pub(super) const SCOPES_PER_CHUNK: usize = 128;
+pub(super) const UPDATES_PER_CHUNK: usize = 400;
+
+/// How many of `ready`'s scopes form the next chunk (at least one).
+pub(super) fn chunk_len(jobs: &[Job], ready: &[(usize, State)]) -> usize {
+    let mut updates = 0;
+    for (n, (j, _)) in ready.iter().enumerate() {
+        updates += jobs[*j].idx.len();
+        if n + 1 >= SCOPES_PER_CHUNK || updates >= UPDATES_PER_CHUNK {
+            return n + 1;
+        }
+    }
+    ready.len()
+}
 
 /// Scopes per `WRITE` call on one node (keeps each call short: Redis runs
 /// one script at a time).
@@ -753,6 +767,67 @@ pub(super) fn run(
         }
     }
     (outcomes, w)
+}
+
+/// Below this many updates a chunk runs on the calling thread alone.
+const PARALLEL_MIN_UPDATES: usize = 256;
+
+/// [`run`] over a chunk of scopes, results in the chunk's order. Scopes are
+/// independent (each has its own state and keys), so with enough work they
+/// run on two threads: the scopes go to two halves balanced by their number
+/// of updates (largest first), one half on a scoped thread of its own.
+pub(super) fn run_all(
+    prefix: &str,
+    jobs: &[Job],
+    updates: &[Update],
+    chunk: &mut [(usize, State)],
+) -> Vec<(Vec<Outcome>, Writes)> {
+    let size = |j: usize| jobs[j].idx.len();
+    let total: usize = chunk.iter().map(|(j, _)| size(*j)).sum();
+    if chunk.len() < 2 || total < PARALLEL_MIN_UPDATES {
+        return chunk
+            .iter_mut()
+            .map(|(j, st)| run(prefix, &jobs[*j], updates, st))
+            .collect();
+    }
+    let mut order: Vec<usize> = (0..chunk.len()).collect();
+    order.sort_unstable_by_key(|&i| std::cmp::Reverse(size(chunk[i].0)));
+    let mut other = vec![false; chunk.len()];
+    let (mut here, mut there) = (0, 0);
+    for i in order {
+        let n = size(chunk[i].0);
+        if here <= there {
+            here += n;
+        } else {
+            other[i] = true;
+            there += n;
+        }
+    }
+    let (mut mine, mut theirs) = (Vec::new(), Vec::new());
+    for (i, item) in chunk.iter_mut().enumerate() {
+        if other[i] {
+            theirs.push((i, item));
+        } else {
+            mine.push((i, item));
+        }
+    }
+    let go = |part: Vec<(usize, &mut (usize, State))>| -> Vec<(usize, (Vec<Outcome>, Writes))> {
+        part.into_iter()
+            .map(|(i, (j, st))| (i, run(prefix, &jobs[*j], updates, st)))
+            .collect()
+    };
+    let (a, b) = std::thread::scope(|s| {
+        let t = s.spawn(|| go(theirs));
+        let a = go(mine);
+        (a, t.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+    });
+    let mut out: Vec<Option<(Vec<Outcome>, Writes)>> = (0..chunk.len()).map(|_| None).collect();
+    for (i, r) in a.into_iter().chain(b) {
+        out[i] = Some(r);
+    }
+    out.into_iter()
+        .map(|r| r.expect("every scope ran"))
+        .collect()
 }
 
 /// One `EVALSHA` of [`WRITE`] over `scopes`.
