@@ -327,11 +327,26 @@ pub enum Value {
     Set(HashSet<String>),
 }
 
+/// A key's value and its expiry deadline (milliseconds on the store's
+/// clock; `None` = never), in one map entry: one hash lookup per access.
+#[derive(Debug, Clone)]
+struct Slot {
+    value: Value,
+    expires: Option<i64>,
+}
+
+impl Slot {
+    fn fresh(value: Value) -> Self {
+        Self {
+            value,
+            expires: None,
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 struct Inner {
-    data: HashMap<String, Value>,
-    /// Expiry deadlines, milliseconds on the store's clock.
-    expiry: HashMap<String, i64>,
+    data: HashMap<String, Slot>,
     /// Logical clock (event time) when set; wall clock otherwise.
     clock: Option<i64>,
     ops_since_sweep: usize,
@@ -353,21 +368,62 @@ impl Inner {
 
     fn alive(&mut self, key: &str) -> bool {
         let now = self.now();
-        match self.expiry.get(key) {
-            Some(t) if *t <= now => {
-                self.expiry.remove(key);
+        match self.data.get(key) {
+            Some(s) if s.expires.is_some_and(|t| t <= now) => {
                 self.data.remove(key);
                 false
             }
-            _ => self.data.contains_key(key),
+            Some(_) => true,
+            None => false,
         }
     }
 
+    /// The live value at `key` (an expired one is left for the sweep).
+    fn live(&self, key: &str) -> Option<&Value> {
+        let now = self.now();
+        self.data
+            .get(key)
+            .filter(|s| s.expires.is_none_or(|t| t > now))
+            .map(|s| &s.value)
+    }
+
+    /// Sets the TTL of `key` (which exists: every caller has just written
+    /// it; like `PEXPIRE`, a missing key gets none).
     fn touch(&mut self, key: &str, ttl_ms: i64) {
         let deadline = self.now() + ttl_ms.max(1);
-        self.expiry.insert(key.to_string(), deadline);
+        if let Some(s) = self.data.get_mut(key) {
+            s.expires = Some(deadline);
+        }
         if let Some(t) = self.touched.as_mut() {
-            t.insert(key.to_string(), ttl_ms.max(1));
+            match t.get_mut(key) {
+                Some(v) => *v = ttl_ms.max(1),
+                None => {
+                    t.insert(key.to_string(), ttl_ms.max(1));
+                }
+            }
+        }
+    }
+
+    /// The live value at `key`, created with `make` when absent or expired,
+    /// and replaced by `make`'s when it holds another kind (`is` says which
+    /// kinds fit).
+    fn slot(&mut self, key: &str, make: fn() -> Value, is: fn(&Value) -> bool) -> &mut Value {
+        let now = self.now();
+        match self.data.get_mut(key) {
+            Some(s) => {
+                if s.expires.is_some_and(|t| t <= now) {
+                    *s = Slot::fresh(make());
+                } else if !is(&s.value) {
+                    s.value = make();
+                }
+            }
+            None => {
+                self.data.insert(key.to_string(), Slot::fresh(make()));
+            }
+        }
+        match self.data.get_mut(key) {
+            Some(s) => &mut s.value,
+            None => unreachable!("inserted above"),
         }
     }
 
@@ -378,69 +434,39 @@ impl Inner {
         }
         self.ops_since_sweep = 0;
         let now = self.now();
-        let dead: Vec<String> = self
-            .expiry
-            .iter()
-            .filter(|(_, t)| **t <= now)
-            .map(|(k, _)| k.clone())
-            .collect();
-        for k in dead {
-            self.expiry.remove(&k);
-            self.data.remove(&k);
-        }
+        self.data.retain(|_, s| s.expires.is_none_or(|t| t > now));
     }
 
     fn hash(&mut self, key: &str) -> &mut HashMap<String, i64> {
-        self.alive(key);
-        match self
-            .data
-            .entry(key.to_string())
-            .or_insert_with(|| Value::Hash(HashMap::default()))
-        {
+        match self.slot(
+            key,
+            || Value::Hash(HashMap::default()),
+            |v| matches!(v, Value::Hash(_)),
+        ) {
             Value::Hash(h) => h,
-            other => {
-                *other = Value::Hash(HashMap::default());
-                match other {
-                    Value::Hash(h) => h,
-                    _ => unreachable!(),
-                }
-            }
+            _ => unreachable!("slot makes the kind asked for"),
         }
     }
 
     fn zset(&mut self, key: &str) -> &mut HashMap<String, i64> {
-        self.alive(key);
-        match self
-            .data
-            .entry(key.to_string())
-            .or_insert_with(|| Value::ZSet(HashMap::default()))
-        {
+        match self.slot(
+            key,
+            || Value::ZSet(HashMap::default()),
+            |v| matches!(v, Value::ZSet(_)),
+        ) {
             Value::ZSet(h) => h,
-            other => {
-                *other = Value::ZSet(HashMap::default());
-                match other {
-                    Value::ZSet(h) => h,
-                    _ => unreachable!(),
-                }
-            }
+            _ => unreachable!("slot makes the kind asked for"),
         }
     }
 
     fn spans(&mut self, key: &str) -> &mut HashMap<String, (i64, i64, bool, String)> {
-        self.alive(key);
-        match self
-            .data
-            .entry(key.to_string())
-            .or_insert_with(|| Value::Spans(HashMap::default()))
-        {
+        match self.slot(
+            key,
+            || Value::Spans(HashMap::default()),
+            |v| matches!(v, Value::Spans(_)),
+        ) {
             Value::Spans(h) => h,
-            other => {
-                *other = Value::Spans(HashMap::default());
-                match other {
-                    Value::Spans(h) => h,
-                    _ => unreachable!(),
-                }
-            }
+            _ => unreachable!("slot makes the kind asked for"),
         }
     }
 
@@ -449,7 +475,8 @@ impl Inner {
         let marker = u.scope.key(prefix, &format!("ev:{}", u.dedupe));
         let duplicate = self.alive(&marker);
         if !duplicate {
-            self.data.insert(marker.clone(), Value::Str("1".into()));
+            self.data
+                .insert(marker.clone(), Slot::fresh(Value::Str("1".into())));
             self.touch(&marker, u.ttl_ms);
         }
         let mut results: Vec<OpResult> = Vec::with_capacity(u.ops.len());
@@ -666,30 +693,23 @@ impl Keyspace {
     /// Stores `value` at `key`, expiring at `deadline` (ms on the wall
     /// clock; `None` = never).
     pub fn load(&mut self, key: String, value: Value, deadline: Option<i64>) {
-        match deadline {
-            Some(d) => {
-                self.inner.expiry.insert(key.clone(), d);
-            }
-            None => {
-                self.inner.expiry.remove(&key);
-            }
-        }
-        self.inner.data.insert(key, value);
+        self.inner.data.insert(
+            key,
+            Slot {
+                value,
+                expires: deadline,
+            },
+        );
     }
 
     /// The live value at `key`.
     pub fn get(&mut self, key: &str) -> Option<&Value> {
-        if self.inner.alive(key) {
-            self.inner.data.get(key)
-        } else {
-            None
-        }
+        self.inner.live(key)
     }
 
     /// Removes `key`.
     pub fn remove(&mut self, key: &str) {
         self.inner.data.remove(key);
-        self.inner.expiry.remove(key);
     }
 
     /// Keys held (live or not yet swept).
@@ -778,15 +798,12 @@ impl WindowStore for MemoryStore {
         &self,
         keys: &[(Scope, String)],
     ) -> Result<Vec<Option<String>>, StoreError> {
-        let mut g = self.lock();
+        let g = self.lock();
         Ok(keys
             .iter()
             .map(|(s, n)| {
                 let k = s.key(&self.prefix, &format!("st:{n}"));
-                if !g.alive(&k) {
-                    return None;
-                }
-                match g.data.get(&k) {
+                match g.live(&k) {
                     Some(Value::Str(v)) => Some(v.clone()),
                     _ => None,
                 }
@@ -797,18 +814,15 @@ impl WindowStore for MemoryStore {
     async fn cas_state(&self, w: &StateWrite) -> Result<bool, StoreError> {
         let mut g = self.lock();
         let k = w.scope.key(&self.prefix, &format!("st:{}", w.name));
-        let cur = if g.alive(&k) {
-            match g.data.get(&k) {
-                Some(Value::Str(v)) => Some(v.clone()),
-                _ => None,
-            }
-        } else {
-            None
+        let cur = match g.live(&k) {
+            Some(Value::Str(v)) => Some(v.clone()),
+            _ => None,
         };
         if cur != w.expect {
             return Ok(false);
         }
-        g.data.insert(k.clone(), Value::Str(w.value.clone()));
+        g.data
+            .insert(k.clone(), Slot::fresh(Value::Str(w.value.clone())));
         g.touch(&k, w.ttl_ms);
         Ok(true)
     }
@@ -816,7 +830,7 @@ impl WindowStore for MemoryStore {
     async fn set_members(&self, name: &str) -> Result<Vec<String>, StoreError> {
         let g = self.lock();
         let k = Scope::Global.key(&self.prefix, name);
-        let mut v: Vec<String> = match g.data.get(&k) {
+        let mut v: Vec<String> = match g.data.get(&k).map(|s| &s.value) {
             Some(Value::Set(s)) => s.iter().cloned().collect(),
             _ => Vec::new(),
         };
@@ -827,10 +841,11 @@ impl WindowStore for MemoryStore {
     async fn set_add(&self, name: &str, member: &str) -> Result<bool, StoreError> {
         let mut g = self.lock();
         let k = Scope::Global.key(&self.prefix, name);
-        let e = g
+        let e = &mut g
             .data
             .entry(k)
-            .or_insert_with(|| Value::Set(HashSet::default()));
+            .or_insert_with(|| Slot::fresh(Value::Set(HashSet::default())))
+            .value;
         if let Value::Set(s) = e {
             Ok(s.insert(member.to_string()))
         } else {
