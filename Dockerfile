@@ -23,7 +23,8 @@ ARG RUNTIME_IMAGE=debian:bookworm-slim
 # ---------------------------------------------------------------------------
 FROM ${RUST_IMAGE} AS builder
 
-# librdkafka is compiled from source by rdkafka-sys with its configure script
+# librdkafka (rdkafka-sys, with its configure script) and mimalloc (the
+# services' allocator) are compiled from source
 # (make, a C compiler, OpenSSL headers, zlib); protoc comes from
 # protoc-bin-vendored, so no system protoc is needed.
 RUN apt-get update \
