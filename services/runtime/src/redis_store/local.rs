@@ -265,12 +265,17 @@ pub(super) fn jobs(prefix: &str, updates: &[Update]) -> Result<Vec<Job>, StoreEr
     Ok(out)
 }
 
+/// A key known in a scope's state: its kind, the scope's use count at its
+/// last use, and its estimated heap bytes then (a key changes only when a
+/// batch uses it, so only used keys are re-measured).
+pub(super) type Known = (Kind, u64, usize);
+
 /// State of one scope as this process last saw it.
 #[derive(Debug)]
 struct Entry {
     version: Option<String>,
     space: Keyspace,
-    kinds: HashMap<String, (Kind, u64)>,
+    kinds: HashMap<String, Known>,
     uses: u64,
     bytes: usize,
     used: u64,
@@ -303,8 +308,8 @@ pub(super) struct State {
     pub version: Option<String>,
     pub space: Keyspace,
     /// Every key known (present or absent), with the scope's use count at
-    /// its last use.
-    pub kinds: HashMap<String, (Kind, u64)>,
+    /// its last use and its estimated size then.
+    pub kinds: HashMap<String, Known>,
     /// Batches that have used this state.
     pub uses: u64,
 }
@@ -330,7 +335,7 @@ impl Cache {
         let mut missing = Vec::new();
         for (k, kind) in &job.keys {
             match e.kinds.get(k) {
-                Some((known, _)) if known == kind => {}
+                Some((known, _, _)) if known == kind => {}
                 Some(_) => return Need::Full,
                 None => missing.push((k.clone(), *kind)),
             }
@@ -373,16 +378,17 @@ impl Cache {
         for (k, _) in &job.keys {
             if let Some(e) = kinds.get_mut(k) {
                 e.1 = uses;
+                e.2 = size_of_key(&mut space, k);
             }
         }
-        kinds.retain(|k, (_, last)| {
+        kinds.retain(|k, (_, last, _)| {
             let keep = *last + KEEP_USES >= uses;
             if !keep {
                 space.remove(k);
             }
             keep
         });
-        let bytes = size_of_space(&mut space, &kinds);
+        let bytes = 64 + kinds.values().map(|(_, _, size)| size).sum::<usize>();
         let tag = job.tag.clone();
         let e = Entry {
             version,
@@ -414,18 +420,14 @@ impl Cache {
     }
 }
 
-/// Rough heap bytes of a scope's state.
-fn size_of_space(space: &mut Keyspace, kinds: &HashMap<String, (Kind, u64)>) -> usize {
-    let mut n = 64;
-    for k in kinds.keys() {
-        n += 48 + k.len();
-        n += match space.get(k) {
+/// Rough heap bytes of one key of a scope's state.
+fn size_of_key(space: &mut Keyspace, k: &str) -> usize {
+    48 + k.len()
+        + match space.get(k) {
             Some(Kv::Hash(h) | Kv::ZSet(h)) => h.len() * 64,
             Some(Kv::Spans(s)) => s.len() * 96,
             _ => 0,
-        };
-    }
-    n
+        }
 }
 
 /// The read of a scope's version (first), of `keys` and, if given, of the
@@ -532,7 +534,7 @@ fn load_keys(st: &mut State, keys: &[(String, Kind)], replies: &[Value]) -> Resu
     st.space.freeze(None);
     let now = st.space.now();
     for (i, (key, kind)) in keys.iter().enumerate() {
-        st.kinds.insert(key.clone(), (*kind, st.uses));
+        st.kinds.insert(key.clone(), (*kind, st.uses, 0));
         let body = &replies[2 * i];
         let pttl = int(&replies[1 + 2 * i])?;
         if pttl == -2 {
