@@ -716,13 +716,29 @@ async fn a_frozen_then_killed_kafka_broker_loses_nothing_acknowledged() {
         cont,
     )
     .await;
-    wait_metric_at_least(
-        &[http],
-        "tollguard_correlator_events_total",
-        events_at_cont + 1.0,
-        Duration::from_secs(120),
-    )
-    .await;
+    // Bounded like `wait_metric_at_least`, but a correlator that does not
+    // resume is reported with its readiness, whether it is still running and
+    // the end of its log (a CI run once timed out here; it did not recur).
+    let resumed = async {
+        while metric(http, "tollguard_correlator_events_total").await < events_at_cont + 1.0 {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    };
+    if tokio::time::timeout(Duration::from_secs(120), resumed)
+        .await
+        .is_err()
+    {
+        let ready = http_get(http, "/readyz").await;
+        let c = stack.correlator.as_mut().expect("the correlator");
+        let exited = c.child.try_wait().ok().flatten();
+        let log = std::fs::read_to_string(&c.log).unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(60).collect();
+        panic!(
+            "the correlator processed nothing within 120 s of SIGCONT (events {events_at_cont}): \
+             readyz={ready:?} exited={exited:?}\nlast log lines (newest first):\n{}",
+            tail.join("\n")
+        );
+    }
     let correlator_back = cont.elapsed();
     let probe_hs = histories(probe_tasks).await;
 
