@@ -388,7 +388,7 @@ impl RedisStore {
                 .iter()
                 .map(|&i| vec![local::write_cmd(self.write.get_hash(), calls[i])])
                 .collect();
-            let noscript = match self.pipelines_raw(groups).await {
+            let noscript = match raw_calls(self.conn.clone(), groups).await {
                 Ok(raw) => {
                     let mut noscript = Vec::new();
                     for (&i, v) in pending.iter().zip(raw) {
@@ -494,16 +494,6 @@ impl RedisStore {
             return Err(protocol("missing write status after NOSCRIPT"));
         }
         Ok(all)
-    }
-
-    /// One command per group, each reply on its own (errors included): one
-    /// pipeline on one node; on a cluster each command on its own, all in
-    /// flight (the cluster client folds a pipeline's errors into one).
-    async fn pipelines_raw(
-        &self,
-        groups: Vec<Vec<Cmd>>,
-    ) -> Result<Vec<Result<Value, RedisError>>, RedisError> {
-        raw_calls(self.conn.clone(), groups).await
     }
 
     /// [`WindowStore::cas_states`] on one node: one pipeline of `EVALSHA`s
@@ -664,19 +654,13 @@ impl WindowStore for RedisStore {
                 let from = runs.len();
                 runs.extend(local::run_all(&self.prefix, &jobs, updates, chunk));
                 let writes: Vec<&local::Writes> = runs[from..].iter().map(|(_, w)| w).collect();
-                sent.push((from, self.send(&writes)));
+                sent.push((from..runs.len(), self.send(&writes)));
             }
             run_us += tr.elapsed().as_micros();
             let tw = std::time::Instant::now();
             let mut status = Vec::with_capacity(runs.len());
-            let ends: Vec<usize> = sent
-                .iter()
-                .skip(1)
-                .map(|(from, _)| *from)
-                .chain([runs.len()])
-                .collect();
-            for ((from, handle), to) in sent.into_iter().zip(ends) {
-                let writes: Vec<&local::Writes> = runs[from..to].iter().map(|(_, w)| w).collect();
+            for (range, handle) in sent {
+                let writes: Vec<&local::Writes> = runs[range].iter().map(|(_, w)| w).collect();
                 status.extend(self.finish(&writes, handle).await?);
             }
             write_wait_us += tw.elapsed().as_micros();
