@@ -73,6 +73,7 @@ async fn the_store_runs_as_a_least_privilege_acl_user() {
             scope: scope.clone(),
             dedupe: "ev-1".into(),
             ttl_ms: 60_000,
+            dedupe_ttl_ms: 60_000,
             ops: vec![
                 Op::Add {
                     key: "spend".into(),
@@ -102,6 +103,7 @@ async fn the_store_runs_as_a_least_privilege_acl_user() {
                 scope: scope.clone(),
                 dedupe: "ev-1".into(),
                 ttl_ms: 60_000,
+                dedupe_ttl_ms: 60_000,
                 ops: vec![Op::Mark {
                     key: "seen".into(),
                     group: "kpn".into(),
@@ -113,6 +115,7 @@ async fn the_store_runs_as_a_least_privilege_acl_user() {
                 scope: scope.clone(),
                 dedupe: "ev-2".into(),
                 ttl_ms: 60_000,
+                dedupe_ttl_ms: 60_000,
                 ops: vec![
                     Op::Mark {
                         key: "seen".into(),

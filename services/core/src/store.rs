@@ -250,8 +250,10 @@ pub struct Update {
     pub scope: Scope,
     /// Dedupe id (provider/event id): writes apply at most once per id.
     pub dedupe: String,
-    /// TTL of every key written and of the dedupe marker.
+    /// TTL of every key written (ops with their own TTL aside).
     pub ttl_ms: i64,
+    /// TTL of the dedupe marker: how long a re-delivery is recognised.
+    pub dedupe_ttl_ms: i64,
     /// The ops, in order.
     pub ops: Vec<Op>,
 }
@@ -477,7 +479,7 @@ impl Inner {
         if !duplicate {
             self.data
                 .insert(marker.clone(), Slot::fresh(Value::Str("1".into())));
-            self.touch(&marker, u.ttl_ms);
+            self.touch(&marker, u.dedupe_ttl_ms);
         }
         let mut results: Vec<OpResult> = Vec::with_capacity(u.ops.len());
         for op in &u.ops {

@@ -696,3 +696,76 @@ async fn a_new_customer_falls_back_to_its_peer_group() {
         "{th:?}"
     );
 }
+
+/// Per-event and per-call state is bounded by what can still need it: an
+/// event's dedupe markers live `dedupe_ttl_s` (the re-delivery horizon), a
+/// call's state `call_ttl_s` while it runs but only the allowed lateness
+/// after its end event, and window state `state_ttl_s`.
+#[test]
+fn markers_live_the_dedupe_ttl_and_an_ended_calls_state_only_the_lateness() {
+    let mut rules = RulesConfig::default();
+    rules.general.dedupe_ttl_s = 120;
+    let g = rules.general.clone();
+    let det = Detector::new(rules, Policies::default(), HotList::default()).unwrap();
+    let ing = Ingestor::new(
+        "kpn",
+        DialPlan::new("NL"),
+        2,
+        Pseudonymizer::new(key()),
+        Arc::new(ReferenceData::default()),
+    )
+    .unwrap();
+    let event = |phase: &str, n: u32| {
+        let raw = RawRecord {
+            provider_id: Some("kpn".into()),
+            event_id: Some(format!("e{n}")),
+            call_id: Some("c1".into()),
+            phase: Some(phase.into()),
+            customer_id: Some("kvk:9".into()),
+            line_id: Some("kvk:9-line".into()),
+            caller: Some("+31201234567".into()),
+            callee: Some("+67077123456".into()),
+            direction: Some("outbound".into()),
+            start_time: Some(rfc3339(T0)),
+            duration_s: Some(600.0),
+            ..Default::default()
+        };
+        ing.ingest(&raw, T0 + 3_600_000).unwrap()
+    };
+    let call_ttls = |plan: &tollguard_core::rules::Plan| -> Vec<i64> {
+        plan.updates
+            .iter()
+            .flat_map(|u| &u.ops)
+            .filter_map(|op| match op {
+                tollguard_core::store::Op::CallMax { ttl_ms, .. } => Some(*ttl_ms),
+                _ => None,
+            })
+            .collect()
+    };
+    for (phase, call_ttl) in [
+        ("interim", g.call_ttl_s as i64 * 1000),
+        ("end", g.allowed_lateness_s as i64 * 1000),
+    ] {
+        let plan = det.plan_at(&event(phase, 1), i64::MAX);
+        assert!(
+            plan.updates.len() >= 2,
+            "customer and range scopes: {plan:?}"
+        );
+        for u in &plan.updates {
+            assert_eq!(u.dedupe_ttl_ms, 120_000, "{phase}: {u:?}");
+            assert!(u.ttl_ms >= g.state_ttl_s as i64 * 1000, "{phase}: {u:?}");
+        }
+        let ttls = call_ttls(&plan);
+        assert!(!ttls.is_empty(), "{phase}: a call key is written");
+        assert!(
+            ttls.iter().all(|t| *t == call_ttl),
+            "{phase}: call keys' TTL {ttls:?}, want {call_ttl}"
+        );
+    }
+    // Out of range is refused, naming the key.
+    let mut bad = RulesConfig::default();
+    bad.general.dedupe_ttl_s = 10;
+    assert_eq!(bad.validate().unwrap_err().key, "general.dedupe_ttl_s");
+    bad.general.dedupe_ttl_s = bad.general.state_ttl_s + 1;
+    assert_eq!(bad.validate().unwrap_err().key, "general.dedupe_ttl_s");
+}

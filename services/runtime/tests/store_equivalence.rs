@@ -117,6 +117,7 @@ fn update() -> impl Strategy<Value = Update> {
             scope,
             dedupe: format!("kpn/e{ev}"),
             ttl_ms: 600_000,
+            dedupe_ttl_ms: 600_000,
             ops,
         })
 }
@@ -149,6 +150,7 @@ async fn every_key_has_a_ttl_and_state_cas_and_sets_behave() {
         scope: scope.clone(),
         dedupe: "kpn/e1".into(),
         ttl_ms: 60_000,
+        dedupe_ttl_ms: 60_000,
         ops: vec![
             Op::CallMax {
                 key: "call:c".into(),

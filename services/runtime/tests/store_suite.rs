@@ -28,6 +28,8 @@ use tollguard_runtime::redis_store::RedisStore;
 const TTL: i64 = 60_000;
 /// TTL of the per-call keys of CallMax (ms).
 const CALL_TTL: i64 = 30_000;
+/// TTL of the dedupe markers in the suite (shorter than every other).
+const DEDUPE_TTL: i64 = 20_000;
 /// A realistic event time (ms): values this large must survive Lua exactly.
 const T0: i64 = 1_700_000_000_000;
 
@@ -227,6 +229,7 @@ fn update(scope: &Scope, dedupe: &str, ops: Vec<Op>) -> Update {
         scope: scope.clone(),
         dedupe: dedupe.to_string(),
         ttl_ms: TTL,
+        dedupe_ttl_ms: DEDUPE_TTL,
         ops,
     }
 }
@@ -775,8 +778,8 @@ async fn duplicates_skip_writes_but_answer_reads(h: &Harness) {
     );
 }
 
-/// Every key written carries its TTL: the update's for the marker and the
-/// scope keys, CallMax's own for the call key, the state's for a state (on
+/// Every key written carries its TTL: the update's dedupe TTL for the
+/// marker, its TTL for the scope keys, CallMax's own for the call key, the state's for a state (on
 /// Redis also the scope's version key, the longest TTL written with it).
 /// Reads and zero deltas create no key. All keys of a scope share its tag.
 async fn every_key_written_expires(h: &Harness) {
@@ -809,12 +812,16 @@ async fn every_key_written_expires(h: &Harness) {
         Backend::Memory(m) => {
             // marker, call:c, sh, hl, sp, st:inc:x
             assert_eq!(m.key_count(), 6);
-            m.advance_clock(CALL_TTL - 1);
+            m.advance_clock(DEDUPE_TTL - 1);
             assert_eq!(m.key_count(), 6);
+            m.advance_clock(DEDUPE_TTL);
+            assert_eq!(m.key_count(), 5, "the marker expires after the dedupe TTL");
+            m.advance_clock(CALL_TTL - 1);
+            assert_eq!(m.key_count(), 5);
             m.advance_clock(CALL_TTL);
-            assert_eq!(m.key_count(), 5, "the call key expires after its own TTL");
+            assert_eq!(m.key_count(), 4, "the call key expires after its own TTL");
             m.advance_clock(45_000);
-            assert_eq!(m.key_count(), 4, "the state expires after its TTL");
+            assert_eq!(m.key_count(), 3, "the state expires after its TTL");
             m.advance_clock(TTL);
             assert_eq!(m.key_count(), 0, "every key expires");
         }
@@ -844,6 +851,8 @@ async fn every_key_written_expires(h: &Harness) {
                 let pttl: i64 = raw.query(redis::cmd("PTTL").arg(k)).await;
                 let (lo, hi) = if k.ends_with(":call:c") {
                     (CALL_TTL - 10_000, CALL_TTL)
+                } else if k.contains(":ev:") {
+                    (DEDUPE_TTL - 10_000, DEDUPE_TTL)
                 } else if k.ends_with(":st:inc:x") {
                     (35_000, 45_000)
                 } else {
@@ -1298,6 +1307,7 @@ fn random_update() -> impl Strategy<Value = Update> {
         scope,
         dedupe: format!("kpn/e{ev}"),
         ttl_ms: 600_000,
+        dedupe_ttl_ms: 600_000,
         ops,
     })
 }

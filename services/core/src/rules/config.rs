@@ -38,11 +38,21 @@ impl Severity {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct General {
-    /// TTL of window state and dedupe markers, seconds (≥ the longest window
-    /// plus allowed lateness).
+    /// TTL of window state, seconds (≥ the longest window plus allowed
+    /// lateness).
     pub state_ttl_s: u64,
-    /// TTL of per-call state, seconds (longest call you expect).
+    /// TTL of per-call state, seconds (longest call you expect). A call's
+    /// state is kept only `allowed_lateness_s` after its end event (or this
+    /// long, if shorter).
     pub call_ttl_s: u64,
+    /// How long an event's dedupe markers live, seconds: a re-delivery of
+    /// the same event (a correlator restarted or rebalanced before its
+    /// offsets were committed, a carrier retrying a batch whose
+    /// acknowledgement it lost) within this time changes nothing; one later
+    /// counts again. Markers are the only per-event state, so this bounds
+    /// the window store's memory: about `events/s × dedupe_ttl_s × 1.3`
+    /// keys.
+    pub dedupe_ttl_s: u64,
     /// Allowed lateness of events, seconds (clock skew and delivery delay).
     pub allowed_lateness_s: u64,
 }
@@ -52,6 +62,7 @@ impl Default for General {
         Self {
             state_ttl_s: 26 * 3600,
             call_ttl_s: 12 * 3600,
+            dedupe_ttl_s: 300,
             allowed_lateness_s: 300,
         }
     }
@@ -494,6 +505,15 @@ impl RulesConfig {
         let g = &self.general;
         positive("general.state_ttl_s", g.state_ttl_s)?;
         positive("general.call_ttl_s", g.call_ttl_s)?;
+        if !(60..=g.state_ttl_s).contains(&g.dedupe_ttl_s) {
+            return Err(ConfigError::new(
+                "general.dedupe_ttl_s",
+                format!(
+                    "must be between 60 and general.state_ttl_s ({} s)",
+                    g.state_ttl_s
+                ),
+            ));
+        }
         let longest = self
             .multi_carrier_burst
             .window_s

@@ -336,7 +336,14 @@ impl Detector {
         // Event times are after 2000-01-01, so 0 is "prune nothing" without overflow.
         let pn = now.min(horizon).max(0);
         let ttl = (cfg.general.state_ttl_s * 1000) as i64;
-        let call_ttl = (cfg.general.call_ttl_s * 1000) as i64;
+        // A call's state serves its later events; after its end event only
+        // late ones (within the allowed lateness) can still come.
+        let call_ttl = if e.phase == Phase::End {
+            lateness(cfg).clamp(1, (cfg.general.call_ttl_s * 1000) as i64)
+        } else {
+            (cfg.general.call_ttl_s * 1000) as i64
+        };
+        let dedupe_ttl = (cfg.general.dedupe_ttl_s * 1000) as i64;
         let ck = e.call_key();
         let prov = e.provider_id.clone();
         let outbound = e.direction == Direction::Outbound;
@@ -503,6 +510,7 @@ impl Detector {
                 scope: Scope::Customer(e.subject().compact()),
                 dedupe: e.event_key(),
                 ttl_ms: ttl,
+                dedupe_ttl_ms: dedupe_ttl,
                 ops,
             });
             Some((updates.len() - 1, ci))
@@ -610,6 +618,7 @@ impl Detector {
                 scope: Scope::Range(remote.range.clone()),
                 dedupe: e.event_key(),
                 ttl_ms: ttl,
+                dedupe_ttl_ms: dedupe_ttl,
                 ops,
             });
             Some((updates.len() - 1, ri))
@@ -654,6 +663,7 @@ impl Detector {
                 scope: Scope::Range(e.caller_info.range.clone()),
                 dedupe: e.event_key(),
                 ttl_ms: ttl,
+                dedupe_ttl_ms: dedupe_ttl,
                 ops,
             });
             Some((
@@ -681,6 +691,7 @@ impl Detector {
                 scope: Scope::Customer(member.clone()),
                 dedupe: format!("bl/{}", e.event_key()),
                 ttl_ms: bttl,
+                dedupe_ttl_ms: dedupe_ttl,
                 ops,
             });
             base = Some((updates.len() - 1, idx));
@@ -701,6 +712,7 @@ impl Detector {
                     scope: Scope::Peer(g.clone()),
                     dedupe: format!("pg/{}", e.event_key()),
                     ttl_ms: bttl,
+                    dedupe_ttl_ms: dedupe_ttl,
                     ops,
                 });
                 peer = Some((updates.len() - 1, idx));

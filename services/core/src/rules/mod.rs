@@ -6,5 +6,5 @@ pub mod detect;
 pub mod engine;
 
 pub use config::{Policies, Policy, RulesConfig, Severity};
-pub use detect::{Detector, Finding, HotList, Rule};
+pub use detect::{Detector, Finding, HotList, Plan, Rule};
 pub use engine::{Engine, Processed, Watermarks};

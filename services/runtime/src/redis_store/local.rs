@@ -167,7 +167,7 @@ fn key_of(op: &Op) -> (&str, Kind) {
 
 /// Refuses integers a Redis score (a double) would round.
 pub(super) fn check_ints(u: &Update) -> Result<(), StoreError> {
-    let mut v: Vec<i64> = vec![u.ttl_ms];
+    let mut v: Vec<i64> = vec![u.ttl_ms, u.dedupe_ttl_ms];
     for op in &u.ops {
         match op {
             Op::CallMax { value, ttl_ms, .. } => v.extend([*value, *ttl_ms]),
