@@ -13,8 +13,9 @@ pub mod config;
 pub mod metrics;
 pub mod overlay;
 
+use std::collections::VecDeque;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use prost::Message;
 use tollguard_core::bus::{
@@ -22,7 +23,8 @@ use tollguard_core::bus::{
 };
 use tollguard_core::codec::decode_event;
 use tollguard_core::error::{BusError, StoreError};
-use tollguard_core::rules::Engine;
+use tollguard_core::model::CallEvent;
+use tollguard_core::rules::{Engine, Planned};
 use tollguard_proto::v1 as pb;
 
 use crate::metrics::Metrics;
@@ -76,6 +78,13 @@ pub enum WorkerError {
 }
 
 /// One consumer-group member's processing loop.
+///
+/// A step processes one batch while it reads the next one ahead: the next
+/// batch is polled (without waiting), decoded and planned
+/// ([`Engine::plan`], pure) while this one's store writes, alert
+/// publication and incident confirmation are in flight, so the correlator
+/// computes while Redis and Kafka work. Offsets are still stored only after
+/// a batch's effects are done, batch by batch in order.
 #[derive(Debug)]
 pub struct Worker {
     engine: Engine,
@@ -83,9 +92,27 @@ pub struct Worker {
     sub: Box<dyn Subscription>,
     topics: Topics,
     metrics: Option<Metrics>,
-    /// A polled batch not yet fully processed (retried after a failure).
-    pending: Option<Vec<InRecord>>,
+    /// Batches polled and planned but not processed yet, oldest first (the
+    /// front one is being processed, or failed and is retried with the same
+    /// plans).
+    queue: VecDeque<Prepared>,
+    /// The batch read ahead during the current step.
+    ahead: Option<Prepared>,
+    /// A poll error met while reading ahead (reported by the next step).
+    deferred: Option<BusError>,
     watermarks: tollguard_core::rules::Watermarks,
+}
+
+/// A polled batch, decoded and planned.
+#[derive(Debug)]
+struct Prepared {
+    records: Vec<InRecord>,
+    events: Vec<CallEvent>,
+    planned: Planned,
+    /// Per event: its key and the traceparent of its record.
+    parents: Vec<(String, Option<Vec<u8>>)>,
+    /// Dead letters (undecodable records) to publish with the alerts.
+    dead: Vec<OutRecord>,
 }
 
 fn wall() -> i64 {
@@ -118,7 +145,9 @@ impl Worker {
             sub,
             topics,
             metrics,
-            pending: None,
+            queue: VecDeque::new(),
+            ahead: None,
+            deferred: None,
             watermarks: Default::default(),
         }
     }
@@ -129,164 +158,109 @@ impl Worker {
         self.watermarks = tollguard_core::rules::Watermarks::expecting(carriers);
     }
 
-    /// The engine (to refresh the hot list or policies).
+    /// The engine (to refresh the hot list or policies). A batch already
+    /// read ahead keeps the plans it was made with.
     pub fn engine_mut(&mut self) -> &mut Engine {
         &mut self.engine
     }
 
     /// Polls up to `max` records (waiting at most `timeout`) and processes
-    /// them. On error the batch is kept and the next call retries it.
+    /// them, reading the next batch ahead meanwhile. On error (or when the
+    /// step is dropped) the batch is kept and the next call retries it.
     pub async fn step(&mut self, max: usize, timeout: Duration) -> Result<StepReport, WorkerError> {
-        let batch = match self.pending.take() {
-            Some(b) => b,
-            None => self.sub.poll(max, timeout).await?,
-        };
-        if batch.is_empty() {
-            return Ok(StepReport::default());
+        // Cancel-safe (the caller selects on signals): a batch stays queued
+        // until its offsets are stored, and a batch read ahead is queued as
+        // soon as it is prepared, so a step dropped at any await loses
+        // nothing; the next step resumes with the same batches and plans.
+        self.queue.extend(self.ahead.take());
+        if self.queue.is_empty() {
+            if let Some(e) = self.deferred.take() {
+                return Err(e.into());
+            }
+            let batch = self.sub.poll(max, timeout).await?;
+            if batch.is_empty() {
+                return Ok(StepReport::default());
+            }
+            let p = prepare(&self.engine, &mut self.watermarks, &self.topics, batch);
+            self.queue.push_back(p);
         }
+        let read_ahead = self.queue.len() == 1 && self.deferred.is_none();
+        let started = Instant::now();
+        let mut prepare_us = 0;
+        let Self {
+            engine,
+            bus,
+            sub,
+            topics,
+            metrics,
+            queue,
+            ahead,
+            deferred,
+            watermarks,
+        } = self;
+        let (engine, topics): (&Engine, &Topics) = (engine, topics);
+        let Some(cur) = queue.front() else {
+            return Ok(StepReport::default());
+        };
         // The batch's consumer span, linked to the traces of its records.
         let span = tracing::info_span!(
             "process",
-            otel.name = format!("{} process", self.topics.calls),
+            otel.name = format!("{} process", topics.calls),
             otel.kind = "consumer",
             messaging.system = "kafka",
             messaging.operation.type = "process",
-            messaging.destination.name = %self.topics.calls,
-            messaging.batch.message_count = batch.len(),
+            messaging.destination.name = %topics.calls,
+            messaging.batch.message_count = cur.records.len(),
         );
         tollguard_runtime::otel::add_links(
             &span,
-            batch.iter().filter_map(|r| r.header(HEADER_TRACEPARENT)),
+            cur.records
+                .iter()
+                .filter_map(|r| r.header(HEADER_TRACEPARENT)),
             128,
         );
-        match tracing::Instrument::instrument(self.process(&batch), span).await {
-            Ok(r) => Ok(r),
-            Err(e) => {
-                self.pending = Some(batch);
-                Err(e)
+        let work = tracing::Instrument::instrument(
+            process(engine, bus.as_ref(), topics, metrics.as_ref(), cur),
+            span,
+        );
+        let read = async {
+            if !read_ahead {
+                return;
             }
-        }
-    }
-
-    async fn process(&mut self, batch: &[InRecord]) -> Result<StepReport, WorkerError> {
-        let mut events = Vec::with_capacity(batch.len());
-        let mut late = Vec::with_capacity(batch.len());
-        let lateness = self.engine.detector().config().general.allowed_lateness_s as i64 * 1000;
-        let mut parents = Vec::with_capacity(batch.len());
-        let mut out = Vec::new();
-        let mut report = StepReport {
-            records: batch.len(),
-            ..Default::default()
+            // Only what is already fetched: never delay this batch.
+            match sub.poll(max, Duration::ZERO).await {
+                Ok(batch) if batch.is_empty() => {}
+                Ok(batch) => {
+                    let t = Instant::now();
+                    *ahead = Some(prepare(engine, watermarks, topics, batch));
+                    prepare_us = t.elapsed().as_micros();
+                }
+                Err(e) => *deferred = Some(e),
+            }
         };
-        for r in batch {
-            match decode_event(&r.payload) {
-                Ok(e) => {
-                    late.push(
-                        self.watermarks
-                            .observe_at(r.partition, &e, lateness, wall()),
-                    );
-                    parents.push((
-                        e.event_key(),
-                        r.header(HEADER_TRACEPARENT).map(<[u8]>::to_vec),
-                    ));
-                    events.push(e);
-                }
-                Err(err) => {
-                    tracing::warn!(topic = %r.topic, partition = r.partition, offset = r.offset, reason = %err, "undecodable record sent to the DLQ");
-                    let mut headers = r.headers.clone();
-                    headers.push((HEADER_DLQ_REASON.into(), err.to_string().into_bytes()));
-                    headers.push((
-                        "tollguard-dlq-source".into(),
-                        format!("{}/{}/{}", r.topic, r.partition, r.offset).into_bytes(),
-                    ));
-                    out.push(OutRecord {
-                        topic: self.topics.dlq.clone(),
-                        key: r.key.clone(),
-                        payload: r.payload.clone(),
-                        headers,
-                    });
-                    report.dead_letters += 1;
-                }
-            }
-        }
-        let started = std::time::Instant::now();
-        let horizon = self.watermarks.horizon(wall());
-        let processed = self
-            .engine
-            .process_at(&events, &late, horizon, wall())
-            .await?;
-        if let Some(m) = &self.metrics {
-            m.store_seconds.observe(started.elapsed().as_secs_f64());
-        }
-        report.duplicates = processed.duplicates;
-        report.late = processed.late;
-        // One span per alert in the trace of the event that triggered it,
-        // open until the alert is published.
-        let mut alert_spans = Vec::with_capacity(processed.alerts.len());
-        for a in &processed.alerts {
-            let parent = parents
-                .iter()
-                .find(|(k, _)| *k == format!("{}/{}", a.trigger_provider_id, a.trigger_event_id))
-                .and_then(|(_, p)| p.as_deref());
-            let mut headers = vec![(
-                tollguard_core::bus::HEADER_SCHEMA.to_string(),
-                b"1".to_vec(),
-            )];
-            let span = tracing::info_span!(
-                "alert",
-                incident = %a.incident_id,
-                version = a.version,
-                rule = %tollguard_core::render::rule_name(a),
-                severity = %tollguard_core::render::severity_name(a),
-            );
-            tollguard_runtime::otel::set_parent(&span, parent);
-            if let Some(tp) =
-                tollguard_runtime::otel::traceparent(&span).or_else(|| child_traceparent(parent))
-            {
-                headers.push((HEADER_TRACEPARENT.into(), tp.into_bytes()));
-            }
-            span.in_scope(|| {
-                tracing::info!(
-                    incident = %a.incident_id,
-                    version = a.version,
-                    rule = %tollguard_core::render::rule_name(a),
-                    severity = %tollguard_core::render::severity_name(a),
-                    "alert"
-                )
-            });
-            alert_spans.push(span);
-            if let Some(m) = &self.metrics {
-                m.alert(a);
-            }
-            out.push(OutRecord {
-                topic: self.topics.alerts.clone(),
-                key: a.incident_id.clone().into_bytes(),
-                payload: a.encode_to_vec(),
-                headers,
-            });
-        }
-        report.alerts = processed.alerts.len();
-        if !out.is_empty() {
-            let span = tracing::info_span!(
-                "publish",
-                otel.name = format!("{} publish", self.topics.alerts),
-                otel.kind = "producer",
-                messaging.system = "kafka",
-                messaging.operation.type = "send",
-                messaging.destination.name = %self.topics.alerts,
-                messaging.batch.message_count = out.len(),
-            );
-            tracing::Instrument::instrument(self.bus.publish(out), span).await?;
-        }
-        drop(alert_spans);
-        self.engine.confirm(processed).await?;
-        self.sub.commit(batch).await?;
-        if let Some(m) = &self.metrics {
-            m.events.inc_by(events.len() as u64);
+        let (done, ()) = tokio::join!(work, read);
+        let (report, timing) = done?;
+        let t = Instant::now();
+        sub.commit(&cur.records).await?;
+        tracing::debug!(
+            records = cur.records.len(),
+            total_us = started.elapsed().as_micros(),
+            store_us = timing.store_us,
+            incidents_us = timing.incidents_us,
+            publish_us = timing.publish_us,
+            confirm_us = timing.confirm_us,
+            commit_us = t.elapsed().as_micros(),
+            read_ahead = ahead.as_ref().map_or(0, |p| p.records.len()),
+            prepare_us,
+            "batch"
+        );
+        if let Some(m) = metrics.as_ref() {
+            m.events.inc_by(cur.events.len() as u64);
             m.dead_letters.inc_by(report.dead_letters as u64);
             m.duplicates.inc_by(report.duplicates as u64);
             m.late.inc_by(report.late as u64);
         }
+        queue.pop_front();
         Ok(report)
     }
 
@@ -300,4 +274,162 @@ impl Worker {
     pub fn decode_alert(r: &InRecord) -> Option<pb::Alert> {
         pb::Alert::decode(r.payload.as_slice()).ok()
     }
+}
+
+/// Decodes a polled batch (undecodable records become dead letters),
+/// observes the watermarks and plans the events.
+fn prepare(
+    engine: &Engine,
+    watermarks: &mut tollguard_core::rules::Watermarks,
+    topics: &Topics,
+    records: Vec<InRecord>,
+) -> Prepared {
+    let lateness = engine.detector().config().general.allowed_lateness_s as i64 * 1000;
+    let mut events = Vec::with_capacity(records.len());
+    let mut late = Vec::with_capacity(records.len());
+    let mut parents = Vec::with_capacity(records.len());
+    let mut dead = Vec::new();
+    let now = wall();
+    for r in &records {
+        match decode_event(&r.payload) {
+            Ok(e) => {
+                late.push(watermarks.observe_at(r.partition, &e, lateness, now));
+                parents.push((
+                    e.event_key(),
+                    r.header(HEADER_TRACEPARENT).map(<[u8]>::to_vec),
+                ));
+                events.push(e);
+            }
+            Err(err) => {
+                tracing::warn!(topic = %r.topic, partition = r.partition, offset = r.offset, reason = %err, "undecodable record sent to the DLQ");
+                let mut headers = r.headers.clone();
+                headers.push((HEADER_DLQ_REASON.into(), err.to_string().into_bytes()));
+                headers.push((
+                    "tollguard-dlq-source".into(),
+                    format!("{}/{}/{}", r.topic, r.partition, r.offset).into_bytes(),
+                ));
+                dead.push(OutRecord {
+                    topic: topics.dlq.clone(),
+                    key: r.key.clone(),
+                    payload: r.payload.clone(),
+                    headers,
+                });
+            }
+        }
+    }
+    let planned = engine.plan(&events, &late, watermarks.horizon(now));
+    Prepared {
+        records,
+        events,
+        planned,
+        parents,
+        dead,
+    }
+}
+
+/// Applies a prepared batch: store, rules, incidents, then publishes its
+/// alerts and dead letters and confirms the incidents. Offsets are the
+/// caller's (after this succeeds).
+async fn process(
+    engine: &Engine,
+    bus: &dyn EventBus,
+    topics: &Topics,
+    metrics: Option<&Metrics>,
+    batch: &Prepared,
+) -> Result<(StepReport, Timing), WorkerError> {
+    let mut timing = Timing::default();
+    let mut report = StepReport {
+        records: batch.records.len(),
+        dead_letters: batch.dead.len(),
+        ..Default::default()
+    };
+    let mut out = batch.dead.clone();
+    let started = std::time::Instant::now();
+    let processed = engine.run(&batch.events, &batch.planned, wall()).await?;
+    if let Some(m) = metrics {
+        m.store_seconds.observe(started.elapsed().as_secs_f64());
+    }
+    timing.store_us = processed.store_us;
+    timing.incidents_us = (started.elapsed().as_micros()).saturating_sub(processed.store_us);
+    let started = Instant::now();
+    report.duplicates = processed.duplicates;
+    report.late = processed.late;
+    // One span per alert in the trace of the event that triggered it,
+    // open until the alert is published.
+    let mut alert_spans = Vec::with_capacity(processed.alerts.len());
+    for a in &processed.alerts {
+        let parent = batch
+            .parents
+            .iter()
+            .find(|(k, _)| *k == format!("{}/{}", a.trigger_provider_id, a.trigger_event_id))
+            .and_then(|(_, p)| p.as_deref());
+        let mut headers = vec![(
+            tollguard_core::bus::HEADER_SCHEMA.to_string(),
+            b"1".to_vec(),
+        )];
+        let span = tracing::info_span!(
+            "alert",
+            incident = %a.incident_id,
+            version = a.version,
+            rule = %tollguard_core::render::rule_name(a),
+            severity = %tollguard_core::render::severity_name(a),
+        );
+        tollguard_runtime::otel::set_parent(&span, parent);
+        if let Some(tp) =
+            tollguard_runtime::otel::traceparent(&span).or_else(|| child_traceparent(parent))
+        {
+            headers.push((HEADER_TRACEPARENT.into(), tp.into_bytes()));
+        }
+        span.in_scope(|| {
+            tracing::info!(
+                incident = %a.incident_id,
+                version = a.version,
+                rule = %tollguard_core::render::rule_name(a),
+                severity = %tollguard_core::render::severity_name(a),
+                "alert"
+            )
+        });
+        alert_spans.push(span);
+        if let Some(m) = metrics {
+            m.alert(a);
+        }
+        out.push(OutRecord {
+            topic: topics.alerts.clone(),
+            key: a.incident_id.clone().into_bytes(),
+            payload: a.encode_to_vec(),
+            headers,
+        });
+    }
+    report.alerts = processed.alerts.len();
+    if !out.is_empty() {
+        let span = tracing::info_span!(
+            "publish",
+            otel.name = format!("{} publish", topics.alerts),
+            otel.kind = "producer",
+            messaging.system = "kafka",
+            messaging.operation.type = "send",
+            messaging.destination.name = %topics.alerts,
+            messaging.batch.message_count = out.len(),
+        );
+        tracing::Instrument::instrument(bus.publish(out), span).await?;
+    }
+    drop(alert_spans);
+    timing.publish_us = started.elapsed().as_micros();
+    let started = Instant::now();
+    engine.confirm(processed).await?;
+    timing.confirm_us = started.elapsed().as_micros();
+    Ok((report, timing))
+}
+
+/// Where a batch's time went (the debug log `batch`), microseconds.
+#[derive(Debug, Default)]
+struct Timing {
+    /// Store apply (read, run, writes).
+    store_us: u128,
+    /// Planning aside, the rest of the engine: rules and incident claims.
+    incidents_us: u128,
+    /// Alerts and dead letters published (acknowledged).
+    publish_us: u128,
+    /// Incident claims confirmed.
+    confirm_us: u128,
 }

@@ -21,8 +21,8 @@ use crate::codec::ts;
 use crate::error::StoreError;
 use crate::model::{CallEvent, Millis};
 use crate::rules::config::Severity;
-use crate::rules::detect::{Detector, Finding, Rule};
-use crate::store::{Scope, StateWrite, WindowStore};
+use crate::rules::detect::{Detector, Finding, Plan, Rule};
+use crate::store::{Scope, StateWrite, Update, WindowStore};
 
 /// Persisted state of one incident.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -51,6 +51,25 @@ pub struct IncidentState {
     pub claimed_wall: Millis,
 }
 
+/// A batch's plans ([`Engine::plan`]), their store updates gathered in
+/// one list (in event order) for [`Engine::run`].
+#[derive(Debug, Clone, Default)]
+pub struct Planned {
+    /// One per event (its updates moved to `updates`).
+    plans: Vec<Plan>,
+    /// How many of `updates` each event has.
+    counts: Vec<usize>,
+    /// Every event's updates, in order.
+    updates: Vec<Update>,
+}
+
+impl Planned {
+    /// Store updates of the batch.
+    pub fn updates(&self) -> usize {
+        self.updates.len()
+    }
+}
+
 /// Alerts to publish, and the claims to confirm once they are published.
 #[derive(Debug, Default)]
 pub struct Processed {
@@ -60,6 +79,8 @@ pub struct Processed {
     confirms: Vec<StateWrite>,
     /// Events that were re-deliveries (every update a duplicate).
     pub duplicates: usize,
+    /// Microseconds the batch's store apply took.
+    pub store_us: u128,
     /// Events later than the allowed lateness behind the watermark.
     pub late: usize,
 }
@@ -306,26 +327,61 @@ impl Engine {
         horizon: Millis,
         wall: Millis,
     ) -> Result<Processed, StoreError> {
-        let plans: Vec<_> = events
-            .iter()
-            .enumerate()
-            .map(|(i, e)| {
-                let mut p = self.detector.plan_at(e, horizon);
-                p.late = late.get(i).copied().unwrap_or(false);
-                p
-            })
-            .collect();
-        let late = late.iter().filter(|l| **l).count();
-        let updates: Vec<_> = plans
-            .iter()
-            .flat_map(|p| p.updates.iter().cloned())
-            .collect();
-        let outcomes = self.store.apply(&updates).await?;
+        let planned = self.plan(events, late, horizon);
+        self.run(events, &planned, wall).await
+    }
+
+    /// The pure first half of [`Engine::process_at`]: each event's plan
+    /// (its store updates), `late[i]` marking late events. It reads no
+    /// state, so a caller may plan the next batch while the store still
+    /// works on this one.
+    pub fn plan(&self, events: &[CallEvent], late: &[bool], horizon: Millis) -> Planned {
+        let mut out = Planned {
+            plans: Vec::with_capacity(events.len()),
+            counts: Vec::with_capacity(events.len()),
+            updates: Vec::with_capacity(events.len() * 2),
+        };
+        for (i, e) in events.iter().enumerate() {
+            let mut p = self.detector.plan_at(e, horizon);
+            p.late = late.get(i).copied().unwrap_or(false);
+            out.counts.push(p.updates.len());
+            out.updates.append(&mut p.updates);
+            out.plans.push(p);
+        }
+        out
+    }
+
+    /// The second half of [`Engine::process_at`]: applies a batch's
+    /// [`Planned`] updates in one store call, evaluates the rules and claims
+    /// incidents. `events` are the ones it was planned from.
+    pub async fn run(
+        &self,
+        events: &[CallEvent],
+        planned: &Planned,
+        wall: Millis,
+    ) -> Result<Processed, StoreError> {
+        if planned.plans.len() != events.len() {
+            return Err(StoreError::Protocol(format!(
+                "{} plans for {} events",
+                planned.plans.len(),
+                events.len()
+            )));
+        }
+        let late = planned.plans.iter().filter(|p| p.late).count();
+        let started = std::time::Instant::now();
+        let outcomes = self.store.apply(&planned.updates).await?;
+        let store_us = started.elapsed().as_micros();
+        if outcomes.len() != planned.updates.len() {
+            return Err(StoreError::Protocol(format!(
+                "{} outcomes for {} updates",
+                outcomes.len(),
+                planned.updates.len()
+            )));
+        }
         let mut findings = Vec::new();
         let mut duplicates = 0;
         let mut i = 0;
-        for (e, p) in events.iter().zip(&plans) {
-            let n = p.updates.len();
+        for ((e, p), &n) in events.iter().zip(&planned.plans).zip(&planned.counts) {
             let oc = &outcomes[i..i + n];
             i += n;
             if n > 0 && oc.iter().all(|o| o.duplicate) {
@@ -336,6 +392,7 @@ impl Engine {
         let mut out = self.incidents(findings, wall).await?;
         out.duplicates = duplicates;
         out.late = late;
+        out.store_us = store_us;
         Ok(out)
     }
 
