@@ -433,3 +433,145 @@ struct Timing {
     /// Incident claims confirmed.
     confirm_us: u128,
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use async_trait::async_trait;
+    use tollguard_core::bus::{EventBus, MemoryBus, OutRecord};
+    use tollguard_core::codec::encode_event;
+    use tollguard_core::error::StoreError;
+    use tollguard_core::ingest::{Ingestor, ReferenceData};
+    use tollguard_core::number::DialPlan;
+    use tollguard_core::pseudo::{Key, Pseudonymizer};
+    use tollguard_core::record::RawRecord;
+    use tollguard_core::render::rfc3339;
+    use tollguard_core::rules::{Detector, Engine, HotList, Policies, RulesConfig};
+    use tollguard_core::store::{MemoryStore, Outcome, Scope, StateWrite, Update, WindowStore};
+
+    use super::{Topics, Worker};
+
+    /// The memory store, but every batch takes a while after it applied:
+    /// a step cancelled then has changed state and stored no offset.
+    #[derive(Debug)]
+    struct SlowStore(MemoryStore);
+
+    #[async_trait]
+    impl WindowStore for SlowStore {
+        async fn apply(&self, updates: &[Update]) -> Result<Vec<Outcome>, StoreError> {
+            let out = self.0.apply(updates).await;
+            tokio::time::sleep(Duration::from_millis(30)).await;
+            out
+        }
+        async fn get_states(
+            &self,
+            keys: &[(Scope, String)],
+        ) -> Result<Vec<Option<String>>, StoreError> {
+            self.0.get_states(keys).await
+        }
+        async fn cas_state(&self, write: &StateWrite) -> Result<bool, StoreError> {
+            self.0.cas_state(write).await
+        }
+        async fn set_members(&self, name: &str) -> Result<Vec<String>, StoreError> {
+            self.0.set_members(name).await
+        }
+        async fn set_add(&self, name: &str, member: &str) -> Result<bool, StoreError> {
+            self.0.set_add(name, member).await
+        }
+        async fn ping(&self) -> Result<(), StoreError> {
+            self.0.ping().await
+        }
+    }
+
+    /// Steps dropped mid-way (a signal wins the `select!`) lose no batch,
+    /// not even one read ahead: every event is applied exactly once and
+    /// every offset is committed in the end.
+    #[tokio::test]
+    async fn a_step_dropped_at_any_point_loses_no_batch() {
+        let topics = Topics::default();
+        let bus = Arc::new(MemoryBus::new());
+        let ing = Ingestor::new(
+            "kpn",
+            DialPlan::new("NL"),
+            2,
+            Pseudonymizer::new(Key::new("k1", &[3u8; 32]).unwrap()),
+            Arc::new(ReferenceData::default()),
+        )
+        .unwrap();
+        const N: usize = 60;
+        let t0 = 1_307_746_020_000;
+        let records = (0..N)
+            .map(|i| {
+                let raw = RawRecord {
+                    provider_id: Some("kpn".into()),
+                    event_id: Some(format!("e{i}")),
+                    call_id: Some(format!("c{i}")),
+                    phase: Some("end".into()),
+                    customer_id: Some(format!("kvk:{}", i % 7)),
+                    line_id: Some(format!("line-{i}")),
+                    caller: Some("+31201234567".into()),
+                    callee: Some(format!("+316123456{:02}", i)),
+                    direction: Some("outbound".into()),
+                    start_time: Some(rfc3339(t0 + i as i64 * 1000)),
+                    duration_s: Some(30.0),
+                    ..Default::default()
+                };
+                let e = ing.ingest(&raw, t0 + 3_600_000).unwrap();
+                OutRecord {
+                    topic: topics.calls.clone(),
+                    key: e.subject().compact().into_bytes(),
+                    payload: encode_event(&e),
+                    headers: Vec::new(),
+                }
+            })
+            .collect();
+        bus.publish(records).await.unwrap();
+        let sub = bus
+            .subscribe(&[topics.calls.as_str()], "cor")
+            .await
+            .unwrap();
+        let det = Detector::new(
+            RulesConfig::default(),
+            Policies::default(),
+            HotList::default(),
+        )
+        .unwrap();
+        let store = Arc::new(SlowStore(MemoryStore::new("tg:")));
+        let mut w = Worker::new(
+            Engine::new(store, det),
+            bus.clone(),
+            sub,
+            topics.clone(),
+            None,
+        );
+        // Records of completed steps: each batch completes once, however
+        // often a step working on it was dropped; a lost batch never does.
+        let (mut completed, mut cancelled) = (0usize, 0);
+        for round in 0.. {
+            assert!(round < 200, "did not drain");
+            // Every third step is dropped while its batch's store call
+            // sleeps (state applied, offsets not stored).
+            let step = w.step(8, Duration::ZERO);
+            let r = if round % 3 == 0 {
+                match tokio::time::timeout(Duration::from_millis(10), step).await {
+                    Ok(r) => r.unwrap(),
+                    Err(_) => {
+                        cancelled += 1;
+                        continue;
+                    }
+                }
+            } else {
+                step.await.unwrap()
+            };
+            if r.records == 0 {
+                break;
+            }
+            completed += r.records;
+        }
+        assert!(cancelled >= 3, "steps were dropped mid-way: {cancelled}");
+        assert_eq!(completed, N, "every batch completed exactly once");
+        assert_eq!(bus.committed("cor", &topics.calls), N as i64);
+    }
+}
