@@ -1118,6 +1118,60 @@ suite!(
 mod redis_only {
     use super::*;
 
+    /// A key the scope cache does not hold (written by another process
+    /// before this one cached the scope, or dropped from the cache while
+    /// unused) is read before the ops run, so CallMax answers the increase
+    /// over the stored value, not the whole value again.
+    #[tokio::test]
+    async fn a_key_the_cache_lacks_is_read_and_counted_once() {
+        let p = unique_prefix("assumed");
+        let (a, b) = (connect_redis(&p).await, connect_redis(&p).await);
+        async fn one(store: &RedisStore, dedupe: &str, ops: Vec<Op>) -> Vec<OpResult> {
+            let u = update(&cust(), dedupe, ops);
+            store.apply(&[u]).await.expect("apply").remove(0).results
+        }
+        // Another process writes a call's key; this one then caches the
+        // scope without it.
+        assert_eq!(
+            one(&b, "kpn/b1", vec![call_max("call:x", "s", 5)]).await,
+            vec![int(5)]
+        );
+        one(&a, "kpn/a1", vec![add("sh", 1, "kpn", Val::Const(1))]).await;
+        assert_eq!(
+            one(&a, "kpn/a2", vec![call_max("call:x", "s", 8)]).await,
+            vec![int(3)],
+            "the increase over the 5 another process stored"
+        );
+        // A key this process wrote, then dropped from its cache while the
+        // scope's batches did not use it.
+        assert_eq!(
+            one(&a, "kpn/a3", vec![call_max("call:y", "s", 5)]).await,
+            vec![int(5)]
+        );
+        for i in 0..12 {
+            one(
+                &a,
+                &format!("kpn/f{i}"),
+                vec![add("sh", 1, "kpn", Val::Const(1))],
+            )
+            .await;
+        }
+        assert_eq!(
+            one(&a, "kpn/a4", vec![call_max("call:y", "s", 7)]).await,
+            vec![int(2)],
+            "the increase over the 5 written before the key left the cache"
+        );
+        // A key that really is new is simply written.
+        assert_eq!(
+            one(&a, "kpn/a5", vec![call_max("call:z", "s", 4)]).await,
+            vec![int(4)]
+        );
+        assert_eq!(
+            one(&b, "kpn/b2", vec![call_max("call:z", "s", 4)]).await,
+            vec![int(0)]
+        );
+    }
+
     /// After the server lost the script (NOSCRIPT), apply reloads it and
     /// re-sends the batch; no update is applied twice.
     #[tokio::test]
