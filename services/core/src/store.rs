@@ -214,6 +214,18 @@ pub struct Groups {
     pub by: BTreeMap<String, i64>,
 }
 
+impl Groups {
+    /// Adds `v` to group `grp` (allocating its name only the first time).
+    fn add(&mut self, grp: &str, v: i64) {
+        match self.by.get_mut(grp) {
+            Some(n) => *n += v,
+            None => {
+                self.by.insert(grp.to_string(), v);
+            }
+        }
+    }
+}
+
 /// Result of one op.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum OpResult {
@@ -557,7 +569,7 @@ impl Inner {
                     }
                     if b >= *from && b <= *to {
                         g.total += *v;
-                        *g.by.entry(grp.to_string()).or_insert(0) += *v;
+                        g.add(grp, *v);
                     }
                     true
                 });
@@ -584,13 +596,15 @@ impl Inner {
                 }
                 let z = self.zset(&key);
                 z.retain(|_, ts| *ts >= *prune_before);
-                let mut ids = HashSet::default();
+                // Borrowed ids and group names: no allocation per member
+                // (hot ranges hold thousands).
+                let mut ids: HashSet<&str> = HashSet::default();
                 let mut g = Groups::default();
                 for (m, ts) in z.iter() {
                     if *ts >= *since {
                         let (grp, id) = m.split_once('|').unwrap_or(("", m));
-                        ids.insert(id.to_string());
-                        *g.by.entry(grp.to_string()).or_insert(0) += 1;
+                        ids.insert(id);
+                        g.add(grp, 1);
                     }
                 }
                 g.total = ids.len() as i64;
@@ -650,7 +664,7 @@ impl Inner {
                     }
                     if *start <= *at && *at <= until {
                         g.total += 1;
-                        *g.by.entry(grp.clone()).or_insert(0) += 1;
+                        g.add(grp, 1);
                     }
                     true
                 });
