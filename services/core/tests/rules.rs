@@ -18,6 +18,18 @@ fn key() -> Key {
     Key::new("k1", &[3u8; 32]).unwrap()
 }
 
+/// An ingestor for `provider` with the test key and the shipped reference data.
+fn ingestor(provider: &str) -> Ingestor {
+    Ingestor::new(
+        provider,
+        DialPlan::new("NL"),
+        2,
+        Pseudonymizer::new(key()),
+        Arc::new(ReferenceData::default()),
+    )
+    .unwrap()
+}
+
 struct Rig {
     engine: Engine,
     ingestors: Vec<Ingestor>,
@@ -37,20 +49,7 @@ impl Rig {
         let policies = Policies::parse("p.toml", policies, Some(&key()), &defaults).unwrap();
         let det = Detector::new(rules, policies, HotList::default()).unwrap();
         let store: Arc<dyn WindowStore> = Arc::new(MemoryStore::new("tg:"));
-        let refdata = Arc::new(ReferenceData::default());
-        let ingestors = ["kpn", "bt", "odido"]
-            .iter()
-            .map(|p| {
-                Ingestor::new(
-                    p,
-                    DialPlan::new("NL"),
-                    2,
-                    Pseudonymizer::new(key()),
-                    refdata.clone(),
-                )
-                .unwrap()
-            })
-            .collect();
+        let ingestors = ["kpn", "bt", "odido"].map(ingestor).into();
         Self {
             engine: Engine::new(store, det),
             ingestors,
@@ -486,14 +485,7 @@ async fn an_alert_claimed_but_never_published_is_republished_when_its_event_come
     .unwrap();
     let store = Arc::new(MemoryStore::new("tg:"));
     let engine = Engine::new(store.clone() as Arc<dyn WindowStore>, det);
-    let ing = Ingestor::new(
-        "kpn",
-        DialPlan::new("NL"),
-        2,
-        Pseudonymizer::new(key()),
-        Arc::new(ReferenceData::default()),
-    )
-    .unwrap();
+    let ing = ingestor("kpn");
     let ev = ing
         .ingest(
             &RawRecord {
@@ -541,14 +533,7 @@ async fn an_alert_claimed_but_never_published_is_republished_when_its_event_come
 #[test]
 fn the_low_watermark_waits_for_expected_and_lagging_carriers() {
     use tollguard_core::rules::Watermarks;
-    let ing = Ingestor::new(
-        "kpn",
-        DialPlan::new("NL"),
-        2,
-        Pseudonymizer::new(key()),
-        Arc::new(ReferenceData::default()),
-    )
-    .unwrap();
+    let ing = ingestor("kpn");
     let ev = |provider: &str, at_s: i64| {
         let mut e = ing
             .ingest(
@@ -707,14 +692,7 @@ fn markers_live_the_dedupe_ttl_and_an_ended_calls_state_only_the_lateness() {
     rules.general.dedupe_ttl_s = 120;
     let g = rules.general.clone();
     let det = Detector::new(rules, Policies::default(), HotList::default()).unwrap();
-    let ing = Ingestor::new(
-        "kpn",
-        DialPlan::new("NL"),
-        2,
-        Pseudonymizer::new(key()),
-        Arc::new(ReferenceData::default()),
-    )
-    .unwrap();
+    let ing = ingestor("kpn");
     let event = |phase: &str, n: u32| {
         let raw = RawRecord {
             provider_id: Some("kpn".into()),

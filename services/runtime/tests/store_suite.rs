@@ -1124,7 +1124,7 @@ mod redis_only {
     /// over the stored value, not the whole value again.
     #[tokio::test]
     async fn a_key_the_cache_lacks_is_read_and_counted_once() {
-        let p = unique_prefix("assumed");
+        let p = unique_prefix("cachelacks");
         let (a, b) = (connect_redis(&p).await, connect_redis(&p).await);
         async fn one(store: &RedisStore, dedupe: &str, ops: Vec<Op>) -> Vec<OpResult> {
             let u = update(&cust(), dedupe, ops);

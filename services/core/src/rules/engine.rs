@@ -63,13 +63,6 @@ pub struct Planned {
     updates: Vec<Update>,
 }
 
-impl Planned {
-    /// Store updates of the batch.
-    pub fn updates(&self) -> usize {
-        self.updates.len()
-    }
-}
-
 /// Alerts to publish, and the claims to confirm once they are published.
 #[derive(Debug, Default)]
 pub struct Processed {
