@@ -203,7 +203,7 @@ async fn carriers_sent_one_after_another_still_join() {
     let (files, n) = scenario(dir.path());
     let stack = Stack::start(dir.path()).await;
     // Each carrier's whole history arrives only after the previous one's.
-    stack.send_sequential(&files);
+    stack.send_sequential(&files).await;
     stack.wait_processed(n as f64).await;
     let alerts = stack.alerts().await;
     let real = incidents(&alerts);

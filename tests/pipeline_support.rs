@@ -82,6 +82,19 @@ impl Stack {
                 format!("{}.dlq", self.calls),
             ),
             ("TOLLGUARD__GROUP".into(), self.group.clone()),
+            // As the chart does: the consortium's carriers hold pruning
+            // back until each has been seen.
+            (
+                "TOLLGUARD__EXPECTED_PROVIDERS".into(),
+                format!(
+                    "[{}]",
+                    CARRIERS
+                        .iter()
+                        .map(|(p, _)| format!("\"{p}\""))
+                        .collect::<Vec<_>>()
+                        .join(",")
+                ),
+            ),
             (
                 "TOLLGUARD__POLICIES_FILE".into(),
                 self.policies.display().to_string(),
@@ -303,8 +316,12 @@ impl Stack {
         }
     }
 
-    /// Sends the carriers' files one after another (a backfill).
-    pub fn send_sequential(&self, files: &Path) {
+    /// Sends the carriers' files one after another (a backfill): each
+    /// carrier's file only once the correlator has processed every event
+    /// sent before it, so no carrier is seen before the previous one's whole
+    /// history went through the windows.
+    pub async fn send_sequential(&self, files: &Path) {
+        let mut sent = 0usize;
         for (provider, grpc, _) in &self.ingesters {
             let file = files.join(format!("{provider}.jsonl"));
             let st = Command::new(bin("tollguard"))
@@ -318,6 +335,8 @@ impl Stack {
                 .status()
                 .unwrap();
             assert!(st.success(), "send to {provider}");
+            sent += std::fs::read_to_string(&file).unwrap().lines().count();
+            self.wait_processed(sent as f64).await;
         }
     }
 

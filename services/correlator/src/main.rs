@@ -155,6 +155,11 @@ async fn run(
     );
     let engine = Engine::new(store.clone(), det);
     let mut worker = Worker::new(engine, bus.clone(), sub, topics, Some(metrics));
+    if cfg.expected_providers.is_empty() {
+        tracing::warn!(
+            "expected_providers is empty: window state is pruned by the carriers seen so far, so a carrier whose events arrive only after another's (a late backfill) may miss joining them; list the consortium's carriers"
+        );
+    }
     worker.expect_carriers(cfg.expected_providers.clone());
     let timeout = Duration::from_millis(cfg.poll_timeout_ms);
     let mut last_hot = Instant::now() - Duration::from_secs(3600);
