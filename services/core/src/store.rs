@@ -368,6 +368,13 @@ struct Inner {
     touched: Option<HashMap<String, i64>>,
 }
 
+/// How much longer than its TTL a written key may live: a sixteenth of the
+/// TTL (97 minutes of a 26-hour window, 19 s of a 5-minute marker). Within
+/// it a key's deadline is not moved on every write (see `Inner::touch`).
+pub fn ttl_slack(ttl_ms: i64) -> i64 {
+    ttl_ms.max(1) / 16
+}
+
 fn wall_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -401,18 +408,43 @@ impl Inner {
             .map(|s| &s.value)
     }
 
-    /// Sets the TTL of `key` (which exists: every caller has just written
-    /// it; like `PEXPIRE`, a missing key gets none).
+    /// Gives `key` (which exists: every caller has just written it; like
+    /// `PEXPIRE`, a missing key gets none) a TTL of at least `ttl_ms`: a key
+    /// whose deadline is already between `ttl_ms` and `ttl_ms` plus its
+    /// [`ttl_slack`] from now keeps it; any other gets the upper end. So
+    /// every key lives at least its TTL after each write and at most a
+    /// sixteenth longer, and a key written again and again has its TTL
+    /// re-sent to Redis (`PEXPIRE`) about once per slack, not per write.
     fn touch(&mut self, key: &str, ttl_ms: i64) {
-        let deadline = self.now() + ttl_ms.max(1);
+        let now = self.now();
+        let ttl = ttl_ms.max(1);
+        let hi = ttl + ttl_slack(ttl);
+        if let Some(s) = self.data.get_mut(key) {
+            if s.expires.is_some_and(|d| d >= now + ttl && d <= now + hi) {
+                return;
+            }
+            s.expires = Some(now + hi);
+        }
+        self.journal_ttl(key, hi);
+    }
+
+    /// Sets the TTL of `key` to exactly `ttl_ms` (state values, as
+    /// `SET … PX`).
+    fn expire_exact(&mut self, key: &str, ttl_ms: i64) {
+        let ttl = ttl_ms.max(1);
+        let deadline = self.now() + ttl;
         if let Some(s) = self.data.get_mut(key) {
             s.expires = Some(deadline);
         }
+        self.journal_ttl(key, ttl);
+    }
+
+    fn journal_ttl(&mut self, key: &str, ttl: i64) {
         if let Some(t) = self.touched.as_mut() {
             match t.get_mut(key) {
-                Some(v) => *v = ttl_ms.max(1),
+                Some(v) => *v = ttl,
                 None => {
-                    t.insert(key.to_string(), ttl_ms.max(1));
+                    t.insert(key.to_string(), ttl);
                 }
             }
         }
@@ -839,7 +871,7 @@ impl WindowStore for MemoryStore {
         }
         g.data
             .insert(k.clone(), Slot::fresh(Value::Str(w.value.clone())));
-        g.touch(&k, w.ttl_ms);
+        g.expire_exact(&k, w.ttl_ms);
         Ok(true)
     }
 
@@ -872,5 +904,61 @@ impl WindowStore for MemoryStore {
 
     async fn ping(&self) -> Result<(), StoreError> {
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn call_max(dedupe: &str, value: i64, ttl_ms: i64) -> Update {
+        Update {
+            scope: Scope::Customer("t".into()),
+            dedupe: dedupe.into(),
+            ttl_ms: 160_000,
+            dedupe_ttl_ms: 32_000,
+            ops: vec![Op::CallMax {
+                key: "call:x".into(),
+                field: "s".into(),
+                value,
+                ttl_ms,
+            }],
+        }
+    }
+
+    #[test]
+    fn a_key_written_again_within_its_slack_keeps_its_deadline_and_a_shorter_ttl_still_applies() {
+        const T0: i64 = 1_700_000_000_000;
+        let key = "{c:t}:call:x";
+        let mut ks = Keyspace::new();
+        ks.freeze(Some(T0));
+        ks.apply("", &call_max("e1", 1, 160_000));
+        let t = ks.take_touched();
+        assert_eq!(t.get(key), Some(&170_000), "TTL plus a sixteenth: {t:?}");
+        assert_eq!(t.get("{c:t}:ev:e1"), Some(&34_000), "the marker too");
+        // Written again 5 s later (within the 10 s slack): no new TTL, and
+        // the key still lives 160 s after this write.
+        ks.freeze(Some(T0 + 5_000));
+        ks.apply("", &call_max("e2", 2, 160_000));
+        let t = ks.take_touched();
+        assert_eq!(t.get(key), None, "{t:?}");
+        ks.freeze(Some(T0 + 5_000 + 160_000));
+        assert!(ks.get(key).is_some());
+        ks.freeze(Some(T0 + 170_000));
+        assert!(ks.get(key).is_none(), "gone at the deadline set first");
+        // Beyond the slack: the deadline moves again.
+        let mut ks = Keyspace::new();
+        ks.freeze(Some(T0));
+        ks.apply("", &call_max("e1", 1, 160_000));
+        ks.take_touched();
+        ks.freeze(Some(T0 + 11_000));
+        ks.apply("", &call_max("e2", 2, 160_000));
+        assert_eq!(ks.take_touched().get(key), Some(&170_000));
+        // A shorter TTL (a call's end) shortens the deadline.
+        ks.freeze(Some(T0 + 12_000));
+        ks.apply("", &call_max("e3", 3, 1_600));
+        assert_eq!(ks.take_touched().get(key), Some(&1_700));
+        ks.freeze(Some(T0 + 12_000 + 1_700));
+        assert!(ks.get(key).is_none());
     }
 }

@@ -21,6 +21,7 @@ use proptest::prelude::*;
 use tollguard_core::StoreError;
 use tollguard_core::store::{
     Groups, MemoryStore, Op, OpResult, Outcome, Scope, StateWrite, Update, Val, WindowStore,
+    ttl_slack,
 };
 use tollguard_runtime::redis_store::RedisStore;
 
@@ -752,6 +753,38 @@ async fn duplicates_skip_writes_but_answer_reads(h: &Harness) {
         h.run(&c, vec![call_max("call:c", "s", 80)]).await,
         vec![int(30)]
     );
+    // A new event and a re-delivered one in one batch of the same scope:
+    // the new one applies once (on Redis the first commit meets the old
+    // marker, drops the new one's marker it had just set, and goes round
+    // again), the re-delivered one stays a duplicate.
+    let fresh = update(&c, "kpn/ev-9", vec![call_max("call:n", "s", 7)]);
+    let old = update(&c, "kpn/ev-1", vec![call_max("call:n", "s", 9)]);
+    assert_eq!(
+        h.apply(&[fresh.clone(), old]).await,
+        vec![
+            Outcome {
+                duplicate: false,
+                results: vec![int(7)]
+            },
+            Outcome {
+                duplicate: true,
+                results: vec![int(0)]
+            },
+        ]
+    );
+    assert_eq!(
+        h.apply(&[fresh]).await.remove(0),
+        Outcome {
+            duplicate: true,
+            results: vec![int(0)]
+        },
+        "the new event's marker was kept"
+    );
+    assert_eq!(
+        h.run(&c, vec![call_max("call:n", "s", 8)]).await,
+        vec![int(1)],
+        "applied once: the maximum is 7"
+    );
     // The marker is per scope: the same id in another scope is new.
     let elsewhere = update(&range(), "kpn/ev-1", vec![call_max("call:c", "s", 50)]);
     assert_eq!(
@@ -778,9 +811,10 @@ async fn duplicates_skip_writes_but_answer_reads(h: &Harness) {
     );
 }
 
-/// Every key written carries its TTL: the update's dedupe TTL for the
-/// marker, its TTL for the scope keys, CallMax's own for the call key, the state's for a state (on
-/// Redis also the scope's version key, the longest TTL written with it).
+/// Every key written carries its TTL plus its slack (`ttl_slack`): the
+/// update's dedupe TTL for the marker, its TTL for the scope keys, CallMax's
+/// own for the call key; a state exactly its own (on Redis also the scope's
+/// version key, the longest TTL written with it).
 /// Reads and zero deltas create no key. All keys of a scope share its tag.
 async fn every_key_written_expires(h: &Harness) {
     let c = cust();
@@ -810,19 +844,25 @@ async fn every_key_written_expires(h: &Harness) {
 
     match &h.backend {
         Backend::Memory(m) => {
-            // marker, call:c, sh, hl, sp, st:inc:x
+            // marker, call:c, sh, hl, sp, st:inc:x. A written key lives its
+            // TTL plus its slack (a sixteenth), a state exactly its TTL.
+            let life = |ttl: i64| ttl + ttl_slack(ttl);
             assert_eq!(m.key_count(), 6);
-            m.advance_clock(DEDUPE_TTL - 1);
+            m.advance_clock(life(DEDUPE_TTL) - 1);
             assert_eq!(m.key_count(), 6);
-            m.advance_clock(DEDUPE_TTL);
+            m.advance_clock(life(DEDUPE_TTL));
             assert_eq!(m.key_count(), 5, "the marker expires after the dedupe TTL");
-            m.advance_clock(CALL_TTL - 1);
+            m.advance_clock(life(CALL_TTL) - 1);
             assert_eq!(m.key_count(), 5);
-            m.advance_clock(CALL_TTL);
+            m.advance_clock(life(CALL_TTL));
             assert_eq!(m.key_count(), 4, "the call key expires after its own TTL");
+            m.advance_clock(45_000 - 1);
+            assert_eq!(m.key_count(), 4);
             m.advance_clock(45_000);
             assert_eq!(m.key_count(), 3, "the state expires after its TTL");
-            m.advance_clock(TTL);
+            m.advance_clock(life(TTL) - 1);
+            assert_eq!(m.key_count(), 3);
+            m.advance_clock(life(TTL));
             assert_eq!(m.key_count(), 0, "every key expires");
         }
         Backend::Redis(raw) => {
@@ -849,14 +889,15 @@ async fn every_key_written_expires(h: &Harness) {
             // Generous lower bounds: a slow machine may take seconds.
             for k in &keys {
                 let pttl: i64 = raw.query(redis::cmd("PTTL").arg(k)).await;
+                let life = |ttl: i64| (ttl + ttl_slack(ttl) - 10_000, ttl + ttl_slack(ttl));
                 let (lo, hi) = if k.ends_with(":call:c") {
-                    (CALL_TTL - 10_000, CALL_TTL)
+                    life(CALL_TTL)
                 } else if k.contains(":ev:") {
-                    (DEDUPE_TTL - 10_000, DEDUPE_TTL)
+                    life(DEDUPE_TTL)
                 } else if k.ends_with(":st:inc:x") {
                     (35_000, 45_000)
                 } else {
-                    (TTL - 10_000, TTL)
+                    life(TTL)
                 };
                 assert!(
                     pttl > lo && pttl <= hi,

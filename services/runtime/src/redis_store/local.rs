@@ -75,14 +75,23 @@ for s = 1, tonumber(ARGV[1]) do
   local cur = redis.call('GET', vkey)
   local status = 1
   if (expect == '' and cur) or (expect ~= '' and cur ~= expect) then status = 0 end
-  -- Markers first: one that exists is a re-delivery, and nothing is written
-  -- (checked before any write, so nothing needs undoing: no DEL).
+  -- Markers first, each SET NX: one that exists is a re-delivery, and then
+  -- the markers just set are deleted again and nothing else is written.
   local p = pos
+  local set = {}
   while status == 1 and p < stop do
-    if ARGV[p + 1] == 'N' and redis.call('EXISTS', KEYS[kbase + tonumber(ARGV[p + 2])]) == 1 then
-      status = 2
+    if ARGV[p + 1] == 'N' then
+      local key = KEYS[kbase + tonumber(ARGV[p + 2])]
+      if redis.call('SET', key, '1', 'NX', 'PX', ARGV[p + 4]) then
+        set[#set + 1] = key
+      else
+        status = 2
+      end
     end
     p = p + 3 + tonumber(ARGV[p + 3])
+  end
+  if status == 2 then
+    for _, key in ipairs(set) do redis.call('DEL', key) end
   end
   if status == 1 and pos < stop then
     while pos < stop do
@@ -90,7 +99,7 @@ for s = 1, tonumber(ARGV[1]) do
       local key = KEYS[kbase + tonumber(ki)]
       n = tonumber(n)
       if code == 'N' then
-        redis.call('SET', key, '1', 'PX', take(1))
+        take(1) -- set above
       else
         local cmd = names[code]
         if not cmd then
