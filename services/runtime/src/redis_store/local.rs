@@ -700,11 +700,16 @@ pub(super) fn run(
         .map(|(k, _)| space.get(k).cloned())
         .collect();
     let had: Vec<bool> = job.markers.iter().map(|m| space.get(m).is_some()).collect();
+    let t_ops = std::time::Instant::now();
     let outcomes: Vec<Outcome> = job
         .idx
         .iter()
         .map(|&i| space.apply(prefix, &updates[i]))
         .collect();
+    let ops_us = t_ops.elapsed().as_micros();
+    if ops_us >= SLOW_SCOPE_US {
+        slow_scope(job, updates, space, ops_us);
+    }
     let touched = space.take_touched();
     let mut w = Writes {
         keys: vec![job.vkey.clone()],
@@ -778,6 +783,31 @@ pub(super) fn run(
         }
     }
     (outcomes, w)
+}
+
+/// A scope whose ops take this long (µs) in one batch is logged (debug
+/// `slow scope`): a hot customer or range serialises its batch's work.
+const SLOW_SCOPE_US: u128 = 5_000;
+
+/// Logs a slow scope: its update and op counts and its largest keys.
+fn slow_scope(job: &Job, updates: &[Update], space: &mut Keyspace, ops_us: u128) {
+    let mut sizes: Vec<(usize, &str)> = job
+        .keys
+        .iter()
+        .map(|(k, _)| {
+            let n = match space.get(k) {
+                Some(Kv::Hash(h)) => h.len(),
+                Some(Kv::ZSet(z)) => z.len(),
+                Some(Kv::Spans(s)) => s.len(),
+                _ => 0,
+            };
+            (n, k.rsplit(':').next().unwrap_or(k))
+        })
+        .collect();
+    sizes.sort_unstable_by(|a, b| b.cmp(a));
+    sizes.truncate(5);
+    let ops: usize = job.idx.iter().map(|&i| updates[i].ops.len()).sum();
+    tracing::debug!(tag = %job.tag, updates = job.idx.len(), ops, ops_us, largest = ?sizes, "slow scope");
 }
 
 /// Below this many updates a chunk runs on the calling thread alone.
