@@ -721,25 +721,6 @@ fn java() -> PathBuf {
     )
 }
 
-/// Kafka's text form of a random UUID (URL-safe base64, no padding).
-fn kafka_uuid() -> String {
-    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
-    let b: [u8; 16] = rand::random();
-    let mut out = String::new();
-    let mut bits = 0u32;
-    let mut n = 0;
-    for byte in b {
-        bits = (bits << 8) | u32::from(byte);
-        n += 8;
-        while n >= 6 {
-            n -= 6;
-            out.push(A[((bits >> n) & 63) as usize] as char);
-        }
-    }
-    out.push(A[((bits << (6 - n)) & 63) as usize] as char);
-    out
-}
-
 /// True when the broker at `bootstrap` answers a metadata request.
 pub async fn broker_answers(bootstrap: &str) -> bool {
     let b = bootstrap.to_string();
@@ -803,7 +784,7 @@ impl Broker {
                 "kafka.tools.StorageTool",
                 "format",
                 "-t",
-                &kafka_uuid(),
+                &kafka_cluster_id(),
                 "-c",
                 props.to_str().unwrap(),
             ])

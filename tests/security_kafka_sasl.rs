@@ -29,27 +29,6 @@ const INGESTER: &str = "tollguard-ingester-kpn";
 const INGESTER_PASSWORD: &str = "ingest-5cram-abcdef0123";
 const WRONG_PASSWORD: &str = "wrong-5cram-9876543210";
 
-/// Base64url without padding (Kafka's cluster id format) of 16 bytes.
-fn cluster_id() -> String {
-    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
-    let bytes: [u8; 16] = rand::random();
-    let mut bits = 0u32;
-    let mut n = 0;
-    let mut out = String::new();
-    for b in bytes {
-        bits = (bits << 8) | u32::from(b);
-        n += 8;
-        while n >= 6 {
-            n -= 6;
-            out.push(A[((bits >> n) & 63) as usize] as char);
-        }
-    }
-    if n > 0 {
-        out.push(A[((bits << (6 - n)) & 63) as usize] as char);
-    }
-    out
-}
-
 /// A private KRaft broker with one SASL_PLAINTEXT SCRAM-SHA-512 listener.
 struct SaslBroker {
     proc: Proc,
@@ -106,7 +85,7 @@ impl SaslBroker {
         // create them in later).
         let mut format = Command::new(home.join("bin/kafka-storage.sh"));
         format
-            .args(["format", "-t", &cluster_id(), "-c"])
+            .args(["format", "-t", &kafka_cluster_id(), "-c"])
             .arg(&props)
             .env("KAFKA_TOOLS_HEAP", "-Xmx128m");
         for (u, p) in std::iter::once(&ADMIN).chain(users) {

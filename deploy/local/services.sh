@@ -488,7 +488,15 @@ start_kafka() {
     rm -rf "$KSTATE/data"
     write_kafka_config "$port" "$cport"
     local cluster_id
-    cluster_id=$(python3 -c 'import base64, uuid; print(base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("="))')
+    # Never an id starting with "-": `format -t` would take it for an option.
+    cluster_id=$(python3 -c '
+import base64, uuid
+while True:
+    i = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+    if not i.startswith("-"):
+        print(i)
+        break
+')
     log "kafka: formatting KRaft storage (cluster $cluster_id)"
     if ! "$JAVA" -Xmx256m -XX:+UseSerialGC -Dlog4j2.configurationFile="$KAFKA_HOME/config/tools-log4j2.properties" \
       -cp "$KAFKA_HOME/libs/*" kafka.tools.StorageTool format \

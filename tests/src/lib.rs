@@ -323,3 +323,45 @@ pub async fn wait_redis(port: u16, timeout: Duration) {
 pub async fn ready_status(port: u16) -> Option<u16> {
     http_get(port, "/readyz").await.map(|(s, _)| s)
 }
+
+/// A fresh KRaft cluster id: 16 random bytes, base64url without padding (as
+/// `kafka-storage random-uuid` prints them). Never one that starts with `-`,
+/// which `kafka-storage format -t` would take for an option (Kafka's own
+/// `Uuid.randomUuid` skips those too); one in 64 random ids does.
+pub fn kafka_cluster_id() -> String {
+    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    loop {
+        let bytes: [u8; 16] = rand::random();
+        let mut out = String::with_capacity(22);
+        let (mut bits, mut n) = (0u32, 0);
+        for b in bytes {
+            bits = (bits << 8) | u32::from(b);
+            n += 8;
+            while n >= 6 {
+                n -= 6;
+                out.push(A[((bits >> n) & 63) as usize] as char);
+            }
+        }
+        out.push(A[((bits << (6 - n)) & 63) as usize] as char);
+        if !out.starts_with('-') {
+            return out;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn kafka_cluster_ids_are_22_base64url_characters_never_starting_with_a_dash() {
+        for _ in 0..2_000 {
+            let id = super::kafka_cluster_id();
+            assert_eq!(id.len(), 22, "{id}");
+            assert!(!id.starts_with('-'), "{id}");
+            assert!(
+                id.bytes()
+                    .all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_'),
+                "{id}"
+            );
+        }
+    }
+}
