@@ -607,7 +607,23 @@ async fn a_frozen_then_killed_kafka_broker_loses_nothing_acknowledged() {
         "5000".to_string(),
     )];
     let mut stack = Stack::start_ingesters_on(dir.path(), &bootstrap, &bounded).await;
-    stack.start_correlator(1).await;
+    // librdkafka's consumer-group log in the correlator's: if it ever stops
+    // consuming after the freeze (a run once did), the failure shows the
+    // group's state.
+    let diagnostics = [
+        (
+            "RUST_LOG".to_string(),
+            "info,tollguard_runtime::kafka=debug".to_string(),
+        ),
+        (
+            "TOLLGUARD__KAFKA__EXTRA__DEBUG".to_string(),
+            "cgrp".to_string(),
+        ),
+    ];
+    let correlator = stack
+        .spawn_correlator("correlator-1", stack.correlator_http, &diagnostics)
+        .await;
+    stack.correlator = Some(correlator);
     let http = stack.correlator_http;
     // A probe ingester of its own topic with a small producer queue (200
     // records), flooded during the freeze by six concurrent clients: its
@@ -732,7 +748,7 @@ async fn a_frozen_then_killed_kafka_broker_loses_nothing_acknowledged() {
         let c = stack.correlator.as_mut().expect("the correlator");
         let exited = c.child.try_wait().ok().flatten();
         let log = std::fs::read_to_string(&c.log).unwrap_or_default();
-        let tail: Vec<&str> = log.lines().rev().take(60).collect();
+        let tail: Vec<&str> = log.lines().rev().take(120).collect();
         panic!(
             "the correlator processed nothing within 120 s of SIGCONT (events {events_at_cont}): \
              readyz={ready:?} exited={exited:?}\nlast log lines (newest first):\n{}",

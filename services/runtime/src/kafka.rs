@@ -54,7 +54,6 @@ const KEY_PREFIX: &str = "kafka";
 /// Timeout of admin operations and of waiting for new topics' leaders.
 const ADMIN_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// How long [`consume_all`] waits for more records once it is reading.
 /// librdkafka properties that [`KafkaSettings::extra`] must not set: either
 /// the at-least-once / idempotence guarantees depend on them, or a dedicated
 /// field sets them (the value is that field, if any).
