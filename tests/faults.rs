@@ -33,15 +33,6 @@ use support::{Behaviour, Names, Notifier, Receiver, SECRET};
 use tokio::task::JoinHandle;
 use tollguard_tests::*;
 
-/// Records in a carrier's file.
-fn lines(files: &Path, provider: &str) -> usize {
-    std::fs::read_to_string(files.join(format!("{provider}.jsonl")))
-        .unwrap()
-        .lines()
-        .filter(|l| !l.trim().is_empty())
-        .count()
-}
-
 /// Starts a paced, tracked send of every carrier's file to the stack's
 /// ingesters; returns the tasks and per-carrier progress counters.
 fn send_everything(

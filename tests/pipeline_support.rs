@@ -335,7 +335,7 @@ impl Stack {
                 .status()
                 .unwrap();
             assert!(st.success(), "send to {provider}");
-            sent += std::fs::read_to_string(&file).unwrap().lines().count();
+            sent += lines(files, provider);
             self.wait_processed(sent as f64).await;
         }
     }
@@ -390,6 +390,15 @@ impl Stack {
         )
         .await;
     }
+}
+
+/// Records in a carrier's file.
+pub fn lines(files: &Path, provider: &str) -> usize {
+    std::fs::read_to_string(files.join(format!("{provider}.jsonl")))
+        .unwrap()
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .count()
 }
 
 /// The consortium scenario (the 2011 case and a distributed IRSF campaign

@@ -344,7 +344,7 @@ async fn process(
         ..Default::default()
     };
     let mut out = batch.dead.clone();
-    let started = std::time::Instant::now();
+    let started = Instant::now();
     let processed = engine.run(&batch.events, &batch.planned, wall()).await?;
     if let Some(m) = metrics {
         m.store_seconds.observe(started.elapsed().as_secs_f64());
