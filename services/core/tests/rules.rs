@@ -367,6 +367,63 @@ async fn long_calls_to_high_risk_ranges_warn_then_escalate_while_running() {
     );
 }
 
+/// Five customers at three carriers each call one high-risk range
+/// (`+67571`, Papua New Guinea) within the hour, lasting `duration` s.
+async fn five_customers_call_one_range(r: &mut Rig, duration: f64) -> Vec<pb::Alert> {
+    let mut out = Vec::new();
+    for i in 0..5 {
+        out.extend(
+            r.call(
+                i % 3,
+                &format!("kvk:conv{i}"),
+                "outbound",
+                "+31201234567",
+                &format!("+67571{:06}", 100 + i),
+                "end",
+                i as i64 * 300,
+                duration,
+                None,
+            )
+            .await,
+        );
+    }
+    out
+}
+
+#[tokio::test]
+async fn destination_convergence_needs_customers_carriers_and_the_spend_floor() {
+    let conv = |out: &[pb::Alert]| -> Vec<pb::Alert> {
+        out.iter()
+            .filter(|a| rule(a) == "destination_convergence")
+            .cloned()
+            .collect()
+    };
+    // Short calls: five customers through three carriers, but a few euros
+    // in all: ordinary traffic to a popular destination.
+    let mut r = Rig::new(RulesConfig::default(), "");
+    let out = five_customers_call_one_range(&mut r, 60.0).await;
+    assert!(conv(&out).is_empty(), "{out:#?}");
+    // The same customers pumping 20-minute calls: a distributed IRSF
+    // campaign, raised on the fifth customer.
+    let mut r = Rig::new(RulesConfig::default(), "");
+    let out = five_customers_call_one_range(&mut r, 1200.0).await;
+    let c = conv(&out);
+    assert_eq!(c.len(), 1, "{out:#?}");
+    assert_eq!(c[0].severity, pb::Severity::Warning as i32);
+    // With the floor off, the short calls are raised too.
+    let mut rules = RulesConfig::default();
+    rules.destination_convergence.min_spend_eur = "0.00".into();
+    let mut r = Rig::new(rules, "");
+    let out = five_customers_call_one_range(&mut r, 60.0).await;
+    assert_eq!(conv(&out).len(), 1, "{out:#?}");
+    // A floor that is not an amount is refused, naming the key.
+    let mut bad = RulesConfig::default();
+    bad.destination_convergence.min_spend_eur = "-5".into();
+    let e = bad.validate().unwrap_err().to_string();
+    assert!(e.contains("destination_convergence.min_spend_eur"), "{e}");
+    assert!(e.contains("negative"), "{e}");
+}
+
 #[tokio::test]
 async fn sequential_probing_of_one_block() {
     let mut r = Rig::new(RulesConfig::default(), "");

@@ -231,6 +231,12 @@ pub struct DestinationConvergence {
     pub warning_customers: i64,
     /// Distinct customers for critical.
     pub critical_customers: i64,
+    /// Estimated spend on the range in the window, over all carriers (EUR),
+    /// below which no finding is raised, whatever the number of customers:
+    /// a few customers placing ordinary short calls to a popular high-risk
+    /// destination is everyday traffic, while an IRSF campaign pumps long,
+    /// expensive calls. "0.00" turns the floor off.
+    pub min_spend_eur: String,
 }
 
 impl Default for DestinationConvergence {
@@ -242,6 +248,7 @@ impl Default for DestinationConvergence {
             min_carriers: 2,
             warning_customers: 5,
             critical_customers: 10,
+            min_spend_eur: "50.00".into(),
         }
     }
 }
@@ -487,6 +494,8 @@ pub struct Thresholds {
     pub burst_critical_spend: i64,
     /// High-risk daily cap, micro-EUR.
     pub high_risk_daily_cap: i64,
+    /// Destination convergence's spend floor, micro-EUR.
+    pub convergence_min_spend: i64,
     /// Default business hours of customers without a policy.
     pub default_hours: BusinessHours,
 }
@@ -576,6 +585,7 @@ impl RulesConfig {
                 "must be >= warning_customers",
             ));
         }
+        let convergence_min_spend = eur("destination_convergence.min_spend_eur", &d.min_spend_eur)?;
         let c = &self.concurrency;
         positive_i("concurrency.default_channels", c.default_channels)?;
         positive("concurrency.open_call_horizon_s", c.open_call_horizon_s)?;
@@ -708,6 +718,7 @@ impl RulesConfig {
             daily_cap,
             hourly_cap,
             burst_critical_spend,
+            convergence_min_spend,
             high_risk_daily_cap,
             default_hours,
         })

@@ -1093,14 +1093,17 @@ impl Detector {
             let d = &cfg.destination_convergence;
             let cust = get(u, ri.customers);
             let carriers = active(&cust.by);
-            if carriers.len() >= d.min_carriers && cust.total >= d.warning_customers {
+            let spend = get(u, ri.spend);
+            if carriers.len() >= d.min_carriers
+                && cust.total >= d.warning_customers
+                && spend.total >= self.th.convergence_min_spend
+            {
                 let sev = if cust.total >= d.critical_customers {
                     Severity::Critical
                 } else {
                     Severity::Warning
                 };
                 let calls = get(u, ri.calls);
-                let spend = get(u, ri.spend);
                 let mut f = base(
                     Rule::DestinationConvergence,
                     sev,
@@ -1130,6 +1133,7 @@ impl Detector {
                     d.critical_customers.to_string(),
                 );
                 t.insert("min_carriers".into(), d.min_carriers.to_string());
+                t.insert("min_spend_eur".into(), d.min_spend_eur.clone());
                 f.providers = carriers.clone();
                 f.magnitude = cust.total;
                 f.summary = format!(

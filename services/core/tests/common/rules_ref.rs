@@ -24,6 +24,7 @@ fn rules() -> RulesConfig {
     r.destination_convergence.warning_customers = 2;
     r.destination_convergence.critical_customers = 3;
     r.destination_convergence.window_s = 900;
+    r.destination_convergence.min_spend_eur = "2.00".into();
     r.concurrency.default_channels = 2;
     r.concurrency.open_call_horizon_s = 300;
     r.spend_cap.hourly_cap_eur = "8.00".into();
@@ -269,7 +270,8 @@ fn reference(cfg: &RulesConfig, seen: &[CallEvent], e: &CallEvent) -> BTreeSet<O
             } else {
                 Severity::Warning
             };
-            // Calls per carrier in the range window (by start bucket).
+            // Calls per carrier in the range window (by start bucket); the
+            // spend floor is checked on their estimated charges.
             let (from, to) = (bucket(now - w, MIN) + 1, bucket(now, MIN));
             let mut rc: BTreeMap<String, (String, i64, i64)> = BTreeMap::new();
             for s in seen
@@ -290,14 +292,16 @@ fn reference(cfg: &RulesConfig, seen: &[CallEvent], e: &CallEvent) -> BTreeSet<O
                     spend += ch;
                 }
             }
-            out.insert(Obs {
-                rule: "destination_convergence",
-                severity: sev,
-                calls,
-                total_spend: spend,
-                origins: total,
-                concurrent: 0,
-            });
+            if spend >= th.convergence_min_spend {
+                out.insert(Obs {
+                    rule: "destination_convergence",
+                    severity: sev,
+                    calls,
+                    total_spend: spend,
+                    origins: total,
+                    concurrent: 0,
+                });
+            }
         }
     }
     // sequential_probe: distinct offsets of short calls in the event's block.
