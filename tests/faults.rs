@@ -424,14 +424,28 @@ async fn a_notifier_killed_mid_delivery_loses_and_duplicates_no_notification() {
     let fextra = [("TOLLGUARD__CONTACTS_FILE", fcontacts.display().to_string())];
     let rextra = [("TOLLGUARD__CONTACTS_FILE", rcontacts.display().to_string())];
     let mut n1 = Notifier::start(dir.path(), "notifier", &fnames, &fextra).await;
-    let _r = Notifier::start(dir.path(), "notifier-reference", &rnames, &rextra).await;
+    let rn = Notifier::start(dir.path(), "notifier-reference", &rnames, &rextra).await;
     stack.send_all(&files);
     // Kill -9 once some webhooks arrived and more are in flight.
-    wait_for("the first webhooks", Duration::from_secs(90), || {
-        let f = faulty.clone();
-        async move { (f.values().map(|r| r.received().len()).sum::<usize>() >= 3).then_some(()) }
-    })
-    .await;
+    let t0 = Instant::now();
+    while faulty.values().map(|r| r.received().len()).sum::<usize>() < 3 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(90),
+            "no 3 webhooks at the faulty notifier's receivers in 90 s (the reference's got {})\n{}\n{}\n{}",
+            reference
+                .values()
+                .map(|r| r.received().len())
+                .sum::<usize>(),
+            stack
+                .correlator
+                .as_ref()
+                .map(|c| c.log_tail(20))
+                .unwrap_or_default(),
+            n1.proc.log_tail(30),
+            rn.proc.log_tail(30),
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     n1.proc.kill9();
     let killed = Instant::now();
     let before_restart = delivered(&faulty).len();

@@ -127,6 +127,19 @@ impl Proc {
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
+
+    /// The last `n` lines of the log, headed by the process's name (for
+    /// failure messages).
+    pub fn log_tail(&self, n: usize) -> String {
+        let text = self.log_text();
+        let lines: Vec<&str> = text.lines().collect();
+        let tail = lines[lines.len().saturating_sub(n)..].join("\n");
+        format!(
+            "--- {} (last {n} of {} lines)\n{tail}",
+            self.name,
+            lines.len()
+        )
+    }
 }
 
 impl Drop for Proc {

@@ -277,7 +277,16 @@ impl Worker {
 }
 
 /// Decodes a polled batch (undecodable records become dead letters),
-/// observes the watermarks and plans the events.
+/// observes the watermarks, orders the events by event time and plans
+/// them.
+///
+/// A poll returns the partitions' records in whatever order their fetches
+/// landed: one partition's next minutes may come before another's. Within
+/// a batch the events are applied in event-time order (stable, so each
+/// partition keeps its own order among equal times), so a window closed by
+/// one carrier's event already holds the other carriers' earlier events of
+/// the same batch. Lateness is still judged in each lane's arrival order,
+/// and offsets are committed per record, whatever the order.
 fn prepare(
     engine: &Engine,
     watermarks: &mut tollguard_core::rules::Watermarks,
@@ -285,20 +294,14 @@ fn prepare(
     records: Vec<InRecord>,
 ) -> Prepared {
     let lateness = engine.detector().config().general.allowed_lateness_s as i64 * 1000;
-    let mut events = Vec::with_capacity(records.len());
-    let mut late = Vec::with_capacity(records.len());
-    let mut parents = Vec::with_capacity(records.len());
+    let mut decoded = Vec::with_capacity(records.len());
     let mut dead = Vec::new();
     let now = wall();
     for r in &records {
         match decode_event(&r.payload) {
             Ok(e) => {
-                late.push(watermarks.observe_at(r.partition, &e, lateness, now));
-                parents.push((
-                    e.event_key(),
-                    r.header(HEADER_TRACEPARENT).map(<[u8]>::to_vec),
-                ));
-                events.push(e);
+                let late = watermarks.observe_at(r.partition, &e, lateness, now);
+                decoded.push((r, e, late));
             }
             Err(err) => {
                 tracing::warn!(topic = %r.topic, partition = r.partition, offset = r.offset, reason = %err, "undecodable record sent to the DLQ");
@@ -316,6 +319,18 @@ fn prepare(
                 });
             }
         }
+    }
+    decoded.sort_by_key(|(_, e, _)| e.phase_time());
+    let mut events = Vec::with_capacity(decoded.len());
+    let mut late = Vec::with_capacity(decoded.len());
+    let mut parents = Vec::with_capacity(decoded.len());
+    for (r, e, is_late) in decoded {
+        late.push(is_late);
+        parents.push((
+            e.event_key(),
+            r.header(HEADER_TRACEPARENT).map(<[u8]>::to_vec),
+        ));
+        events.push(e);
     }
     let planned = engine.plan(&events, &late, watermarks.horizon(now));
     Prepared {
@@ -440,7 +455,7 @@ mod tests {
     use std::time::Duration;
 
     use async_trait::async_trait;
-    use tollguard_core::bus::{EventBus, MemoryBus, OutRecord};
+    use tollguard_core::bus::{EventBus, InRecord, MemoryBus, OutRecord};
     use tollguard_core::codec::encode_event;
     use tollguard_core::error::StoreError;
     use tollguard_core::ingest::{Ingestor, ReferenceData};
@@ -451,7 +466,37 @@ mod tests {
     use tollguard_core::rules::{Detector, Engine, HotList, Policies, RulesConfig};
     use tollguard_core::store::{MemoryStore, Outcome, Scope, StateWrite, Update, WindowStore};
 
-    use super::{Topics, Worker};
+    use super::{Topics, Worker, prepare};
+
+    fn ingestor(carrier: &str) -> Ingestor {
+        Ingestor::new(
+            carrier,
+            DialPlan::new("NL"),
+            2,
+            Pseudonymizer::new(Key::new("k1", &[3u8; 32]).unwrap()),
+            Arc::new(ReferenceData::default()),
+        )
+        .unwrap()
+    }
+
+    /// A call of `customer` through `carrier` that ended at `end` (ms).
+    fn ended(ing: &Ingestor, carrier: &str, id: &str, customer: &str, end: i64) -> Vec<u8> {
+        let raw = RawRecord {
+            provider_id: Some(carrier.into()),
+            event_id: Some(id.into()),
+            call_id: Some(id.into()),
+            phase: Some("end".into()),
+            customer_id: Some(customer.into()),
+            line_id: Some("line-1".into()),
+            caller: Some("+31201234567".into()),
+            callee: Some("+67571123456".into()),
+            direction: Some("outbound".into()),
+            start_time: Some(rfc3339(end - 60_000)),
+            duration_s: Some(60.0),
+            ..Default::default()
+        };
+        encode_event(&ing.ingest(&raw, end).unwrap())
+    }
 
     /// The memory store, but every batch takes a while after it applied:
     /// a step cancelled then has changed state and stored no offset.
@@ -483,6 +528,61 @@ mod tests {
         async fn ping(&self) -> Result<(), StoreError> {
             self.0.ping().await
         }
+    }
+
+    /// One poll may hold one partition's later minutes before another's
+    /// earlier ones: the batch's events are planned and applied in event
+    /// time, lateness is judged in each lane's arrival order, and the
+    /// records (whose offsets are committed) stay as polled.
+    #[tokio::test]
+    async fn a_batch_is_applied_in_event_time_and_judged_late_in_arrival_order() {
+        let (kpn, bt) = (ingestor("kpn"), ingestor("bt"));
+        let t0 = 1_307_746_020_000;
+        let min = 60_000;
+        // (partition, carrier, event id, end time), in the order polled:
+        // kpn's partition 0 at minutes 10 and 11, then bt's partition 1 at
+        // minutes 1 and 2, then kpn's event of minute -60, late on its
+        // lane (an hour behind minute 11, beyond the allowed lateness).
+        let polled = [
+            (0, "kpn", "k1", t0 + 10 * min),
+            (0, "kpn", "k2", t0 + 11 * min),
+            (1, "bt", "b1", t0 + min),
+            (1, "bt", "b2", t0 + 2 * min),
+            (0, "kpn", "k0", t0 - 60 * min),
+        ];
+        let records: Vec<InRecord> = polled
+            .iter()
+            .enumerate()
+            .map(|(i, (p, c, id, end))| InRecord {
+                topic: "calls".into(),
+                partition: *p,
+                offset: i as i64,
+                key: Vec::new(),
+                payload: ended(if *c == "kpn" { &kpn } else { &bt }, c, id, "kvk:1", *end),
+                headers: Vec::new(),
+            })
+            .collect();
+        let det = Detector::new(
+            RulesConfig::default(),
+            Policies::default(),
+            HotList::default(),
+        )
+        .unwrap();
+        let engine = Engine::new(Arc::new(MemoryStore::new("tg:")), det);
+        let mut wm = Default::default();
+        let p = prepare(&engine, &mut wm, &Topics::default(), records);
+        let ids: Vec<&str> = p.events.iter().map(|e| e.event_id.as_str()).collect();
+        assert_eq!(ids, ["k0", "b1", "b2", "k1", "k2"], "event-time order");
+        let offsets: Vec<i64> = p.records.iter().map(|r| r.offset).collect();
+        assert_eq!(offsets, [0, 1, 2, 3, 4], "records stay as polled");
+        let parents: Vec<&str> = p.parents.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(parents, ["kpn/k0", "bt/b1", "bt/b2", "kpn/k1", "kpn/k2"]);
+        // Only k0 is late: judged in the sorted order, nothing would be.
+        let done = engine
+            .run(&p.events, &p.planned, t0 + 20 * min)
+            .await
+            .unwrap();
+        assert_eq!(done.late, 1, "k0 is late on its lane");
     }
 
     /// Steps dropped mid-way (a signal wins the `select!`) lose no batch,
