@@ -170,21 +170,19 @@ pub struct Evaluation {
     pub tokens: BTreeMap<String, BTreeSet<String>>,
 }
 
+/// The labelled suite of `seed` among `enterprises` benign enterprises
+/// (what `tollguard simulate --preset suite` writes for the same values).
+pub fn suite(seed: u64, enterprises: usize) -> sim::SimOutput {
+    let mut sc = Scenario::suite(seed);
+    sc.enterprises = enterprises;
+    sim::generate(&sc)
+}
+
 /// Runs the suite and scores it.
 pub async fn evaluate(args: &EvalArgs) -> anyhow::Result<Evaluation> {
-    let mut sc = Scenario::suite(args.seed);
-    sc.enterprises = args.enterprises;
-    let out = sim::generate(&sc);
+    let out = suite(args.seed, args.enterprises);
     let (key, _) = args.pipeline.key()?;
     let refdata = args.pipeline.refdata()?;
-    let rates = refdata.rates.clone();
-    let normalizers: BTreeMap<String, Normalizer> = sim::default_carriers()
-        .into_iter()
-        .filter_map(|c| {
-            let n = Normalizer::new(DialPlan::new(&c.home_country), args.pipeline.range_digits);
-            Some((c.id, n.ok()?))
-        })
-        .collect();
     let backend = match (&args.kafka, &args.redis) {
         (Some(kafka), Some(redis)) => BackendOpts::Real {
             kafka: kafka.clone(),
@@ -232,6 +230,26 @@ pub async fn evaluate(args: &EvalArgs) -> anyhow::Result<Evaluation> {
         }
         alerts.extend(emb.drain().await?);
     }
+    score(out, alerts, &args.pipeline)
+}
+
+/// Scores `alerts` (from any pipeline: in process, over Kafka, or the
+/// deployed services fed with `tollguard send`) against the labelled
+/// scenario `out`, with the key and reference data of `pipeline`.
+pub fn score(
+    out: sim::SimOutput,
+    alerts: Vec<pb::Alert>,
+    pipeline: &PipelineOpts,
+) -> anyhow::Result<Evaluation> {
+    let (key, _) = pipeline.key()?;
+    let rates = pipeline.refdata()?.rates.clone();
+    let normalizers: BTreeMap<String, Normalizer> = sim::default_carriers()
+        .into_iter()
+        .filter_map(|c| {
+            let n = Normalizer::new(DialPlan::new(&c.home_country), pipeline.range_digits);
+            Some((c.id, n.ok()?))
+        })
+        .collect();
     let attacks: Vec<&Label> = out
         .labels
         .iter()

@@ -150,6 +150,82 @@ pub struct CorrelatorConfig {
     /// others. Empty: prune by the carriers seen so far.
     #[serde(default)]
     pub expected_providers: Vec<String>,
+    /// `[alignment]`: event-time alignment of the carriers' feeds.
+    #[serde(default)]
+    pub alignment: AlignmentConfig,
+}
+
+/// `[alignment]`: historical events (replays, backfills) are held until
+/// every active carrier's feed has reached their event time, then
+/// processed in event-time order (see `tollguard_correlator::align`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AlignmentConfig {
+    /// Off: events are processed as polled (each batch in event time).
+    pub enabled: bool,
+    /// Events newer than this behind the wall clock are live: never held.
+    pub live_window_s: u64,
+    /// A carrier not heard from for this long stops holding the others.
+    pub idle_ms: u64,
+    /// The longest an event is held.
+    pub max_hold_s: u64,
+    /// The most events held at once (the earliest go first beyond it).
+    pub max_events: usize,
+}
+
+impl Default for AlignmentConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            live_window_s: 60,
+            idle_ms: 5000,
+            max_hold_s: 600,
+            max_events: 50_000,
+        }
+    }
+}
+
+impl AlignmentConfig {
+    /// The worker's bounds, or `None` when disabled.
+    pub fn bounds(&self) -> Option<crate::align::Alignment> {
+        self.enabled.then(|| crate::align::Alignment {
+            live_window_ms: self.live_window_s as i64 * 1000,
+            idle_ms: self.idle_ms as i64,
+            max_hold_ms: self.max_hold_s as i64 * 1000,
+            max_events: self.max_events,
+        })
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let a = self;
+        for (key, ok, why) in [
+            (
+                "alignment.live_window_s",
+                (1..=86_400).contains(&a.live_window_s),
+                "must be between 1 and 86400",
+            ),
+            (
+                "alignment.idle_ms",
+                (1..=600_000).contains(&a.idle_ms),
+                "must be between 1 and 600000",
+            ),
+            (
+                "alignment.max_hold_s",
+                (1..=86_400).contains(&a.max_hold_s),
+                "must be between 1 and 86400",
+            ),
+            (
+                "alignment.max_events",
+                (1..=10_000_000).contains(&a.max_events),
+                "must be between 1 and 10000000",
+            ),
+        ] {
+            if !ok {
+                return Err(ConfigError::new(key, why));
+            }
+        }
+        Ok(())
+    }
 }
 
 fn default_group() -> String {
@@ -216,6 +292,7 @@ impl CorrelatorConfig {
                 "must be greater than 0",
             ));
         }
+        self.alignment.validate()?;
         for (k, v) in [
             ("topics.calls", &self.topics.calls),
             ("topics.alerts", &self.topics.alerts),
@@ -258,5 +335,30 @@ mod tests {
         .unwrap_err();
         assert_eq!(e.key, "redis.cluster_nodes[1]");
         assert!(e.reason.contains("redis://"), "{}", e.reason);
+    }
+
+    #[test]
+    fn alignment_is_on_by_default_and_bad_bounds_name_the_key() {
+        let cfg = with(&[]).unwrap();
+        let a = cfg.alignment.bounds().expect("on by default");
+        assert_eq!(
+            (a.live_window_ms, a.idle_ms, a.max_hold_ms, a.max_events),
+            (60_000, 5_000, 600_000, 50_000)
+        );
+        let off = with(&[("TOLLGUARD__ALIGNMENT__ENABLED", "false")]).unwrap();
+        assert!(off.alignment.bounds().is_none());
+        for (var, key) in [
+            (
+                "TOLLGUARD__ALIGNMENT__LIVE_WINDOW_S",
+                "alignment.live_window_s",
+            ),
+            ("TOLLGUARD__ALIGNMENT__IDLE_MS", "alignment.idle_ms"),
+            ("TOLLGUARD__ALIGNMENT__MAX_HOLD_S", "alignment.max_hold_s"),
+            ("TOLLGUARD__ALIGNMENT__MAX_EVENTS", "alignment.max_events"),
+        ] {
+            let e = with(&[(var, "0")]).unwrap_err();
+            assert_eq!(e.key, key);
+            assert!(e.reason.contains("between"), "{}", e.reason);
+        }
     }
 }

@@ -9,6 +9,7 @@
 //! A record that cannot be decoded goes to the DLQ and never blocks its
 //! partition.
 
+pub mod align;
 pub mod config;
 pub mod metrics;
 pub mod overlay;
@@ -27,6 +28,7 @@ use tollguard_core::model::CallEvent;
 use tollguard_core::rules::{Engine, Planned};
 use tollguard_proto::v1 as pb;
 
+use crate::align::{Aligner, Alignment, Held};
 use crate::metrics::Metrics;
 
 /// Topic names the worker uses.
@@ -101,12 +103,17 @@ pub struct Worker {
     /// A poll error met while reading ahead (reported by the next step).
     deferred: Option<BusError>,
     watermarks: tollguard_core::rules::Watermarks,
+    aligner: Aligner,
 }
 
-/// A polled batch, decoded and planned.
+/// A polled batch, decoded, aligned and planned.
 #[derive(Debug)]
 struct Prepared {
+    /// The records polled (events of some may still be held).
     records: Vec<InRecord>,
+    /// The positions to commit once the batch is processed.
+    commit: Vec<InRecord>,
+    /// The events released for this batch, in event-time order.
     events: Vec<CallEvent>,
     planned: Planned,
     /// Per event: its key and the traceparent of its record.
@@ -149,7 +156,20 @@ impl Worker {
             ahead: None,
             deferred: None,
             watermarks: Default::default(),
+            aligner: Aligner::default(),
         }
+    }
+
+    /// Aligns the carriers' feeds in event time before processing (see
+    /// [`crate::align`]); without it every batch is processed as polled,
+    /// sorted by event time.
+    pub fn align(&mut self, cfg: Alignment) {
+        self.aligner = Aligner::new(Some(cfg));
+    }
+
+    /// Events held back for alignment now.
+    pub fn held(&self) -> usize {
+        self.aligner.len()
     }
 
     /// Waits for these carriers before pruning window state (see
@@ -178,10 +198,19 @@ impl Worker {
                 return Err(e.into());
             }
             let batch = self.sub.poll(max, timeout).await?;
-            if batch.is_empty() {
+            if batch.is_empty() && self.aligner.is_empty() {
                 return Ok(StepReport::default());
             }
-            let p = prepare(&self.engine, &mut self.watermarks, &self.topics, batch);
+            let p = prepare(
+                &self.engine,
+                &mut self.watermarks,
+                &mut self.aligner,
+                &self.topics,
+                batch,
+            );
+            if p.records.is_empty() && p.events.is_empty() {
+                return Ok(StepReport::default());
+            }
             self.queue.push_back(p);
         }
         let read_ahead = self.queue.len() == 1 && self.deferred.is_none();
@@ -197,6 +226,7 @@ impl Worker {
             ahead,
             deferred,
             watermarks,
+            aligner,
         } = self;
         let (engine, topics): (&Engine, &Topics) = (engine, topics);
         let Some(cur) = queue.front() else {
@@ -232,7 +262,7 @@ impl Worker {
                 Ok(batch) if batch.is_empty() => {}
                 Ok(batch) => {
                     let t = Instant::now();
-                    *ahead = Some(prepare(engine, watermarks, topics, batch));
+                    *ahead = Some(prepare(engine, watermarks, aligner, topics, batch));
                     prepare_us = t.elapsed().as_micros();
                 }
                 Err(e) => *deferred = Some(e),
@@ -241,7 +271,7 @@ impl Worker {
         let (done, ()) = tokio::join!(work, read);
         let (report, timing) = done?;
         let t = Instant::now();
-        sub.commit(&cur.records).await?;
+        sub.commit(&cur.commit).await?;
         tracing::debug!(
             records = cur.records.len(),
             total_us = started.elapsed().as_micros(),
@@ -259,6 +289,7 @@ impl Worker {
             m.dead_letters.inc_by(report.dead_letters as u64);
             m.duplicates.inc_by(report.duplicates as u64);
             m.late.inc_by(report.late as u64);
+            m.held.set(aligner.len() as i64);
         }
         queue.pop_front();
         Ok(report)
@@ -277,31 +308,34 @@ impl Worker {
 }
 
 /// Decodes a polled batch (undecodable records become dead letters),
-/// observes the watermarks, orders the events by event time and plans
-/// them.
+/// observes the watermarks, passes the events through the aligner and plans
+/// the ones it releases, in event-time order.
 ///
 /// A poll returns the partitions' records in whatever order their fetches
-/// landed: one partition's next minutes may come before another's. Within
-/// a batch the events are applied in event-time order (stable, so each
-/// partition keeps its own order among equal times), so a window closed by
-/// one carrier's event already holds the other carriers' earlier events of
-/// the same batch. Lateness is still judged in each lane's arrival order,
-/// and offsets are committed per record, whatever the order.
+/// landed: one partition's next minutes may come before another's. The
+/// events a batch releases are applied in event-time order (stable, so
+/// each partition keeps its own order among equal times), so a window
+/// closed by one carrier's event already holds the other carriers' earlier
+/// events of the same batch; with alignment on, of earlier batches too.
+/// Lateness is still judged in each lane's arrival order, and the commit
+/// positions stop below any event still held.
 fn prepare(
     engine: &Engine,
     watermarks: &mut tollguard_core::rules::Watermarks,
+    aligner: &mut Aligner,
     topics: &Topics,
     records: Vec<InRecord>,
 ) -> Prepared {
     let lateness = engine.detector().config().general.allowed_lateness_s as i64 * 1000;
-    let mut decoded = Vec::with_capacity(records.len());
     let mut dead = Vec::new();
     let now = wall();
     for r in &records {
+        aligner.polled(r);
         match decode_event(&r.payload) {
             Ok(e) => {
                 let late = watermarks.observe_at(r.partition, &e, lateness, now);
-                decoded.push((r, e, late));
+                let parent = r.header(HEADER_TRACEPARENT).map(<[u8]>::to_vec);
+                aligner.push(r, Held::new(r, e, late, parent), now);
             }
             Err(err) => {
                 tracing::warn!(topic = %r.topic, partition = r.partition, offset = r.offset, reason = %err, "undecodable record sent to the DLQ");
@@ -320,21 +354,19 @@ fn prepare(
             }
         }
     }
-    decoded.sort_by_key(|(_, e, _)| e.phase_time());
-    let mut events = Vec::with_capacity(decoded.len());
-    let mut late = Vec::with_capacity(decoded.len());
-    let mut parents = Vec::with_capacity(decoded.len());
-    for (r, e, is_late) in decoded {
-        late.push(is_late);
-        parents.push((
-            e.event_key(),
-            r.header(HEADER_TRACEPARENT).map(<[u8]>::to_vec),
-        ));
-        events.push(e);
+    let released = aligner.release(now);
+    let mut events = Vec::with_capacity(released.len());
+    let mut late = Vec::with_capacity(released.len());
+    let mut parents = Vec::with_capacity(released.len());
+    for h in released {
+        late.push(h.late);
+        parents.push((h.event.event_key(), h.parent));
+        events.push(h.event);
     }
     let planned = engine.plan(&events, &late, watermarks.horizon(now));
     Prepared {
         records,
+        commit: aligner.commit_positions(),
         events,
         planned,
         parents,
@@ -570,7 +602,13 @@ mod tests {
         .unwrap();
         let engine = Engine::new(Arc::new(MemoryStore::new("tg:")), det);
         let mut wm = Default::default();
-        let p = prepare(&engine, &mut wm, &Topics::default(), records);
+        let p = prepare(
+            &engine,
+            &mut wm,
+            &mut super::Aligner::default(),
+            &Topics::default(),
+            records,
+        );
         let ids: Vec<&str> = p.events.iter().map(|e| e.event_id.as_str()).collect();
         assert_eq!(ids, ["k0", "b1", "b2", "k1", "k2"], "event-time order");
         let offsets: Vec<i64> = p.records.iter().map(|r| r.offset).collect();

@@ -161,6 +161,9 @@ async fn run(
         );
     }
     worker.expect_carriers(cfg.expected_providers.clone());
+    if let Some(a) = cfg.alignment.bounds() {
+        worker.align(a);
+    }
     let timeout = Duration::from_millis(cfg.poll_timeout_ms);
     let mut last_hot = Instant::now() - Duration::from_secs(3600);
     let mut backoff = Duration::from_millis(100);

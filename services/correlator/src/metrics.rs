@@ -3,6 +3,7 @@
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use tollguard_proto::v1 as pb;
@@ -31,6 +32,8 @@ pub struct Metrics {
     pub alerts: Family<AlertLabels, Counter>,
     /// Engine time per batch (window store round trips and rules).
     pub store_seconds: Histogram,
+    /// Events held back to align the carriers' feeds in event time.
+    pub held: Gauge,
 }
 
 impl Metrics {
@@ -43,7 +46,13 @@ impl Metrics {
             late: Counter::default(),
             alerts: Family::default(),
             store_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
+            held: Gauge::default(),
         };
+        reg.register(
+            "correlator_held_events",
+            "Historical events held back until every active carrier's feed reached their event time (alignment)",
+            m.held.clone(),
+        );
         reg.register(
             "correlator_events",
             "Call events processed",

@@ -1,0 +1,492 @@
+//! Event-time alignment of the carriers' feeds.
+//!
+//! Carriers' feeds reach the correlator at their own pace. Live, they are
+//! seconds apart. Replayed or backfilled history is another matter: four
+//! carriers' exports streamed at once and unpaced drift far apart in event
+//! time, because the carrier with the smallest file races days ahead of the
+//! others. A cross-carrier window (a burst over two carriers, a callback to
+//! a number that rang through another carrier) is then judged before the
+//! other carriers' part of it has arrived, and caught late, or only by a
+//! later event.
+//!
+//! The [`Aligner`] holds back a historical event until every *active*
+//! carrier (one heard from within `idle_ms`) has reached its event time,
+//! then releases the held events in event-time order, as one merged feed.
+//! Its bounds:
+//! - **live events pass at once**: an event newer than `live_window_ms`
+//!   behind the wall clock is never held, so the live path keeps its
+//!   latency (a lagging live carrier is handled by the windows' lateness,
+//!   as before);
+//! - **a carrier that goes quiet stops holding the others** after `idle_ms`;
+//! - **nothing waits longer than `max_hold_ms`**, and at most `max_events`
+//!   are held (the earliest go first).
+//!
+//! Offsets: a held event is not processed, so its partition's committed
+//! position stays below it ([`Aligner::commit_positions`]); a crash or a
+//! rebalance re-delivers it, and the window store's dedupe absorbs what was
+//! already applied.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+use tollguard_core::bus::InRecord;
+use tollguard_core::model::{CallEvent, Millis};
+
+/// Bounds of the alignment (`[alignment]` in the correlator's config).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Alignment {
+    /// Events newer than this behind the wall clock are live: never held.
+    pub live_window_ms: i64,
+    /// A carrier not heard from for this long stops holding the others.
+    pub idle_ms: i64,
+    /// The longest an event is held.
+    pub max_hold_ms: i64,
+    /// The most events held at once.
+    pub max_events: usize,
+}
+
+/// An event waiting for the other carriers, with what its batch needs.
+#[derive(Debug)]
+pub struct Held {
+    /// The decoded event.
+    pub event: CallEvent,
+    /// Late on its lane when it arrived.
+    pub late: bool,
+    /// Traceparent header of its record.
+    pub parent: Option<Vec<u8>>,
+    partition: i32,
+    offset: i64,
+    /// Index of its partition in [`Aligner::partitions`].
+    part: usize,
+    /// Wall time it arrived.
+    since: Millis,
+}
+
+impl Held {
+    /// An event decoded from record `r`.
+    pub fn new(r: &InRecord, event: CallEvent, late: bool, parent: Option<Vec<u8>>) -> Self {
+        Self {
+            event,
+            late,
+            parent,
+            partition: r.partition,
+            offset: r.offset,
+            part: 0,
+            since: 0,
+        }
+    }
+}
+
+/// A partition polled: the highest offset polled and the offsets held.
+#[derive(Debug)]
+struct PartitionState {
+    topic: String,
+    partition: i32,
+    polled: i64,
+    held: BTreeSet<i64>,
+}
+
+/// A lane: one carrier's events in one partition (partitions are fetched
+/// independently, so each carrier progresses per partition).
+#[derive(Debug)]
+struct Lane {
+    partition: i32,
+    carrier: String,
+    /// Highest event time.
+    time: Millis,
+    /// Wall time last heard from.
+    heard: Millis,
+}
+
+/// Holds events until the carriers' feeds are aligned (see the module
+/// documentation). Without [`Alignment`], every event passes at once.
+#[derive(Debug, Default)]
+pub struct Aligner {
+    cfg: Option<Alignment>,
+    /// Held events by (event time, arrival sequence).
+    held: BTreeMap<(Millis, u64), Held>,
+    /// Arrival order of held events: (wall time, key).
+    arrivals: VecDeque<(Millis, (Millis, u64))>,
+    /// Few (partitions × carriers): searched linearly, no key allocated
+    /// per event.
+    lanes: Vec<Lane>,
+    partitions: Vec<PartitionState>,
+    seq: u64,
+    /// Wall time the feeds (re)started: the first event after every lane
+    /// was idle. Lanes show up one by one, so for `idle_ms` after it
+    /// nothing is released on the lanes' progress alone.
+    started: Millis,
+}
+
+impl Aligner {
+    /// An aligner with these bounds (`None`: pass everything at once).
+    pub fn new(cfg: Option<Alignment>) -> Self {
+        Self {
+            cfg,
+            ..Self::default()
+        }
+    }
+
+    /// Events held now.
+    pub fn len(&self) -> usize {
+        self.held.len()
+    }
+
+    /// True when nothing is held.
+    pub fn is_empty(&self) -> bool {
+        self.held.is_empty()
+    }
+
+    fn part(&mut self, r: &InRecord) -> usize {
+        if let Some(i) = self
+            .partitions
+            .iter()
+            .position(|p| p.partition == r.partition && p.topic == r.topic)
+        {
+            return i;
+        }
+        self.partitions.push(PartitionState {
+            topic: r.topic.clone(),
+            partition: r.partition,
+            polled: r.offset,
+            held: BTreeSet::new(),
+        });
+        self.partitions.len() - 1
+    }
+
+    /// Records that record `r` was polled (decoded or not: a dead letter's
+    /// offset is committable too).
+    pub fn polled(&mut self, r: &InRecord) -> usize {
+        let i = self.part(r);
+        let p = &mut self.partitions[i];
+        p.polled = p.polled.max(r.offset);
+        i
+    }
+
+    /// Adds an event of record `r` (already [`Self::polled`]) that arrived
+    /// at wall time `now`.
+    pub fn push(&mut self, r: &InRecord, mut h: Held, now: Millis) {
+        let t = h.event.phase_time();
+        let idle = self.cfg.map_or(0, |c| c.idle_ms);
+        if self.lanes.iter().all(|l| now - l.heard >= idle) {
+            self.started = now;
+        }
+        let carrier = h.event.provider_id.as_str();
+        match self
+            .lanes
+            .iter_mut()
+            .find(|l| l.partition == h.partition && l.carrier == carrier)
+        {
+            Some(l) => {
+                l.time = l.time.max(t);
+                l.heard = now;
+            }
+            None => self.lanes.push(Lane {
+                partition: h.partition,
+                carrier: carrier.to_string(),
+                time: t,
+                heard: now,
+            }),
+        }
+        h.since = now;
+        h.part = self.part(r);
+        self.partitions[h.part].held.insert(h.offset);
+        self.seq += 1;
+        let key = (t, self.seq);
+        self.arrivals.push_back((now, key));
+        self.held.insert(key, h);
+    }
+
+    /// The events that may go at wall time `now`, in event-time order.
+    pub fn release(&mut self, now: Millis) -> Vec<Held> {
+        let Some(cfg) = self.cfg else {
+            self.arrivals.clear();
+            let all = std::mem::take(&mut self.held);
+            return self.unhold(all.into_values().collect());
+        };
+        // Every held event at or before the slowest active lane.
+        let mut cut = self
+            .lanes
+            .iter()
+            .filter(|l| now - l.heard < cfg.idle_ms)
+            .map(|l| l.time)
+            .min()
+            .unwrap_or(Millis::MAX);
+        if now - self.started < cfg.idle_ms {
+            // Warming up: lanes not heard from yet may still show up.
+            cut = Millis::MIN;
+        }
+        // Held too long: it goes, with everything before it.
+        while let Some(&(since, key)) = self.arrivals.front() {
+            if !self.held.contains_key(&key) {
+                self.arrivals.pop_front();
+            } else if now - since >= cfg.max_hold_ms {
+                cut = cut.max(key.0);
+                self.arrivals.pop_front();
+            } else {
+                break;
+            }
+        }
+        let mut out: Vec<Held> = Vec::new();
+        loop {
+            let over = self.held.len() > cfg.max_events;
+            let Some(entry) = self.held.first_entry() else {
+                break;
+            };
+            let (t, _) = *entry.key();
+            if t <= cut || now - t < cfg.live_window_ms || over {
+                out.push(entry.remove());
+            } else {
+                break;
+            }
+        }
+        // Live events later than a held historical one pass too (they are
+        // never held; the historical one before them still waits).
+        let live: Vec<(Millis, u64)> = self
+            .held
+            .range((now - cfg.live_window_ms, 0)..)
+            .map(|(k, _)| *k)
+            .collect();
+        out.extend(live.iter().filter_map(|k| self.held.remove(k)));
+        self.unhold(out)
+    }
+
+    fn unhold(&mut self, out: Vec<Held>) -> Vec<Held> {
+        for h in &out {
+            self.partitions[h.part].held.remove(&h.offset);
+        }
+        out
+    }
+
+    /// Per partition the position that may be committed once the events
+    /// released so far are processed: just below its earliest held event,
+    /// else its highest offset polled (records carrying only topic,
+    /// partition and offset, for [`tollguard_core::bus::Subscription::commit`]).
+    pub fn commit_positions(&self) -> Vec<InRecord> {
+        self.partitions
+            .iter()
+            .filter_map(|p| {
+                let offset = match p.held.first() {
+                    Some(first) => first - 1,
+                    None => p.polled,
+                };
+                (offset >= 0).then(|| InRecord {
+                    topic: p.topic.clone(),
+                    partition: p.partition,
+                    offset,
+                    key: Vec::new(),
+                    payload: Vec::new(),
+                    headers: Vec::new(),
+                })
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use tollguard_core::bus::InRecord;
+    use tollguard_core::ingest::{Ingestor, ReferenceData};
+    use tollguard_core::model::{CallEvent, Millis};
+    use tollguard_core::number::DialPlan;
+    use tollguard_core::pseudo::{Key, Pseudonymizer};
+    use tollguard_core::record::RawRecord;
+    use tollguard_core::render::rfc3339;
+
+    use super::{Aligner, Alignment, Held};
+
+    const T0: Millis = 1_307_746_020_000; // 2011: historical
+    const MIN: Millis = 60_000;
+    /// The wall clock of the tests (historical events are years behind it).
+    const WALL: Millis = 1_800_000_000_000;
+
+    fn cfg() -> Alignment {
+        Alignment {
+            live_window_ms: 60_000,
+            idle_ms: 2_000,
+            max_hold_ms: 60_000,
+            max_events: 1_000,
+        }
+    }
+
+    /// An end event of `carrier` at event time `t` (offset `offset` of
+    /// `partition`).
+    fn ev(carrier: &str, t: Millis, partition: i32, offset: i64) -> (InRecord, Held) {
+        let ing = Ingestor::new(
+            carrier,
+            DialPlan::new("NL"),
+            2,
+            Pseudonymizer::new(Key::new("k1", &[3u8; 32]).unwrap()),
+            Arc::new(ReferenceData::default()),
+        )
+        .unwrap();
+        let id = format!("{carrier}-{t}");
+        let raw = RawRecord {
+            provider_id: Some(carrier.into()),
+            event_id: Some(id.clone()),
+            call_id: Some(id),
+            phase: Some("end".into()),
+            customer_id: Some("kvk:1".into()),
+            line_id: Some("line-1".into()),
+            caller: Some("+31201234567".into()),
+            callee: Some("+67571123456".into()),
+            direction: Some("outbound".into()),
+            start_time: Some(rfc3339(t - MIN)),
+            duration_s: Some(60.0),
+            ..Default::default()
+        };
+        let e: CallEvent = ing.ingest(&raw, t).unwrap();
+        assert_eq!(e.phase_time(), t);
+        let r = InRecord {
+            topic: "calls".into(),
+            partition,
+            offset,
+            key: Vec::new(),
+            payload: Vec::new(),
+            headers: Vec::new(),
+        };
+        let h = Held::new(&r, e, false, None);
+        (r, h)
+    }
+
+    fn feed(a: &mut Aligner, events: &[(&str, Millis, i32, i64)], now: Millis) {
+        for &(c, t, p, o) in events {
+            let (r, h) = ev(c, T0 + t * MIN, p, o);
+            a.polled(&r);
+            a.push(&r, h, now);
+        }
+    }
+
+    fn ids(out: &[Held]) -> Vec<String> {
+        out.iter().map(|h| h.event.event_id.clone()).collect()
+    }
+
+    fn id(c: &str, minute: Millis) -> String {
+        format!("{c}-{}", T0 + minute * MIN)
+    }
+
+    /// A carrier racing ahead waits for the slower one; the feed comes out
+    /// merged in event time, and the offsets committed stop below what is
+    /// still held.
+    #[test]
+    fn a_fast_carrier_waits_for_a_slow_one_and_the_feed_comes_out_merged() {
+        let mut a = Aligner::new(Some(cfg()));
+        // bt's file is small: minutes 10..13 arrive at once; kpn is at 1, 2.
+        feed(
+            &mut a,
+            &[
+                ("bt", 10, 0, 0),
+                ("bt", 12, 0, 1),
+                ("kpn", 1, 0, 2),
+                ("kpn", 2, 0, 3),
+            ],
+            WALL,
+        );
+        // Warming up: nothing yet, whatever the lanes say.
+        assert!(a.release(WALL + 1_000).is_empty());
+        // kpn keeps sending; bt's file is done (its lane goes idle but its
+        // events wait for kpn's).
+        feed(&mut a, &[("kpn", 3, 0, 4)], WALL + 1_900);
+        let out = a.release(WALL + 2_000);
+        assert_eq!(ids(&out), [id("kpn", 1), id("kpn", 2), id("kpn", 3)]);
+        assert_eq!(a.len(), 2);
+        // bt's minute 10 (offset 0) is held: nothing of partition 0 is
+        // committable yet.
+        assert!(a.commit_positions().is_empty());
+        // kpn catches up to minute 11: bt's 10 goes, its 12 stays.
+        feed(&mut a, &[("kpn", 11, 0, 5)], WALL + 2_500);
+        assert_eq!(ids(&a.release(WALL + 2_500)), [id("bt", 10), id("kpn", 11)]);
+        let c = a.commit_positions();
+        assert_eq!(
+            (c[0].partition, c[0].offset),
+            (0, 0),
+            "below bt's 12 (offset 1)"
+        );
+        // kpn goes quiet: after idle_ms it no longer holds bt back.
+        assert!(a.release(WALL + 4_000).is_empty());
+        assert_eq!(ids(&a.release(WALL + 4_600)), [id("bt", 12)]);
+        assert!(a.is_empty());
+        let c = a.commit_positions();
+        assert_eq!((c[0].partition, c[0].offset), (0, 5), "everything polled");
+    }
+
+    /// A carrier's events in another partition are a lane of their own: a
+    /// partition fetched late holds the others back.
+    #[test]
+    fn each_partition_of_a_carrier_is_its_own_lane() {
+        let mut a = Aligner::new(Some(cfg()));
+        feed(
+            &mut a,
+            &[("kpn", 5, 0, 0), ("kpn", 9, 0, 1), ("kpn", 3, 1, 0)],
+            WALL,
+        );
+        feed(&mut a, &[("kpn", 10, 0, 2), ("kpn", 4, 1, 1)], WALL + 1_900);
+        let out = a.release(WALL + 2_000);
+        assert_eq!(
+            ids(&out),
+            [id("kpn", 3), id("kpn", 4)],
+            "partition 1 is at minute 4"
+        );
+        feed(&mut a, &[("kpn", 9, 1, 2)], WALL + 2_100);
+        let out = a.release(WALL + 2_100);
+        assert_eq!(ids(&out), [id("kpn", 5), id("kpn", 9), id("kpn", 9)]);
+    }
+
+    /// Live events are never held, and nothing waits beyond max_hold_ms or
+    /// max_events (the earliest go first).
+    #[test]
+    fn live_events_pass_and_holds_are_bounded() {
+        let mut a = Aligner::new(Some(cfg()));
+        // A live event (event time = wall clock) passes during warm-up.
+        let (r, h) = ev("kpn", WALL - 5_000, 0, 0);
+        a.polled(&r);
+        a.push(&r, h, WALL);
+        assert_eq!(a.release(WALL).len(), 1);
+
+        let mut a = Aligner::new(Some(cfg()));
+        feed(&mut a, &[("bt", 50, 0, 0), ("kpn", 1, 1, 0)], WALL);
+        // kpn keeps sending (stays active) but never reaches minute 50.
+        for s in 1..60 {
+            feed(&mut a, &[("kpn", 1, 1, s)], WALL + s * 1_000);
+            let out = a.release(WALL + s * 1_000);
+            assert!(!ids(&out).contains(&id("bt", 50)), "held at {s} s");
+        }
+        feed(&mut a, &[("kpn", 1, 1, 60)], WALL + 60_000);
+        let out = a.release(WALL + 60_000);
+        assert!(ids(&out).contains(&id("bt", 50)), "max_hold_ms passed");
+
+        let mut a = Aligner::new(Some(Alignment {
+            max_events: 2,
+            ..cfg()
+        }));
+        feed(
+            &mut a,
+            &[
+                ("bt", 30, 0, 0),
+                ("bt", 20, 0, 1),
+                ("bt", 40, 0, 2),
+                ("kpn", 1, 1, 0),
+            ],
+            WALL,
+        );
+        assert_eq!(ids(&a.release(WALL + 100)), [id("kpn", 1), id("bt", 20)]);
+        assert_eq!(a.len(), 2);
+    }
+
+    /// Without alignment every event passes at once, in event-time order.
+    #[test]
+    fn without_alignment_a_batch_passes_sorted() {
+        let mut a = Aligner::new(None);
+        feed(
+            &mut a,
+            &[("bt", 9, 0, 0), ("kpn", 2, 1, 0), ("bt", 5, 0, 1)],
+            WALL,
+        );
+        assert_eq!(
+            ids(&a.release(WALL)),
+            [id("kpn", 2), id("bt", 5), id("bt", 9)]
+        );
+        assert!(a.is_empty());
+    }
+}
