@@ -46,9 +46,15 @@ async fn the_suite_sent_unpaced_through_the_services_scores_like_the_embedded_ru
         rate_deck: None,
         range_digits: 2,
     };
-    let sent = score(suite(seed, enterprises), stack.alerts().await, &pipeline)
-        .unwrap()
-        .report;
+    let (key, _) = pipeline.key().unwrap();
+    let sent = score(
+        suite(seed, enterprises),
+        stack.alerts().await,
+        &key,
+        &pipeline,
+    )
+    .unwrap()
+    .report;
     let embedded = evaluate(&EvalArgs {
         seed,
         enterprises,

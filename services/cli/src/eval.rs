@@ -10,7 +10,7 @@ use serde::Serialize;
 use tollguard_core::codec::from_ts;
 use tollguard_core::money::format_amount;
 use tollguard_core::number::{DialPlan, Normalizer};
-use tollguard_core::pseudo::Kind;
+use tollguard_core::pseudo::{Key, Kind};
 use tollguard_core::render::{rfc3339, rule_name, severity_name};
 use tollguard_core::sim::{self, Label, Scenario};
 use tollguard_proto::v1 as pb;
@@ -230,18 +230,19 @@ pub async fn evaluate(args: &EvalArgs) -> anyhow::Result<Evaluation> {
         }
         alerts.extend(emb.drain().await?);
     }
-    score(out, alerts, &args.pipeline)
+    score(out, alerts, &key, &args.pipeline)
 }
 
 /// Scores `alerts` (from any pipeline: in process, over Kafka, or the
 /// deployed services fed with `tollguard send`) against the labelled
-/// scenario `out`, with the key and reference data of `pipeline`.
+/// scenario `out`: customers pseudonymised with `key` (the pipeline's), the
+/// reference data and range digits of `pipeline`.
 pub fn score(
     out: sim::SimOutput,
     alerts: Vec<pb::Alert>,
+    key: &Key,
     pipeline: &PipelineOpts,
 ) -> anyhow::Result<Evaluation> {
-    let (key, _) = pipeline.key()?;
     let rates = pipeline.refdata()?.rates.clone();
     let normalizers: BTreeMap<String, Normalizer> = sim::default_carriers()
         .into_iter()
