@@ -580,6 +580,12 @@ impl Run<'_> {
                 "TOLLGUARD__EXPECTED_PROVIDERS".into(),
                 format!("[{}]", expected.join(",")),
             ),
+            // The load models live traffic: in production live events are
+            // never held for alignment, but this traffic's event times are
+            // years old (the scenario compressed ~36,000×), so the correlator
+            // would treat it as a replay and hold it. Measure the replay
+            // path with `--correlator-env TOLLGUARD__ALIGNMENT__ENABLED=true`.
+            ("TOLLGUARD__ALIGNMENT__ENABLED".into(), "false".into()),
         ]);
         env.extend(cor_env);
         let correlator = self.cleanup.children.spawn(
