@@ -44,11 +44,13 @@ pub struct Alignment {
     pub max_events: usize,
 }
 
-/// An event waiting for the other carriers, with what its batch needs.
+/// An event waiting for the other carriers, with what its batch needs. It
+/// is held encoded (a few hundred bytes, not the decoded event's dozen
+/// strings): a replay can hold tens of thousands.
 #[derive(Debug)]
 pub struct Held {
-    /// The decoded event.
-    pub event: CallEvent,
+    /// The encoded event (decoded again when released).
+    pub payload: Vec<u8>,
     /// Late on its lane when it arrived.
     pub late: bool,
     /// Traceparent header of its record.
@@ -62,12 +64,14 @@ pub struct Held {
 }
 
 impl Held {
-    /// An event decoded from record `r`.
-    pub fn new(r: &InRecord, event: CallEvent, late: bool, parent: Option<Vec<u8>>) -> Self {
+    /// The event of record `r` (its payload moved here), late or not.
+    pub fn new(r: &mut InRecord, late: bool) -> Self {
         Self {
-            event,
+            parent: r
+                .header(tollguard_core::bus::HEADER_TRACEPARENT)
+                .map(<[u8]>::to_vec),
+            payload: std::mem::take(&mut r.payload),
             late,
-            parent,
             partition: r.partition,
             offset: r.offset,
             part: 0,
@@ -162,15 +166,15 @@ impl Aligner {
         i
     }
 
-    /// Adds an event of record `r` (already [`Self::polled`]) that arrived
-    /// at wall time `now`.
-    pub fn push(&mut self, r: &InRecord, mut h: Held, now: Millis) {
-        let t = h.event.phase_time();
+    /// Adds event `e` of record `r` (already [`Self::polled`]), held as
+    /// `h`, that arrived at wall time `now`.
+    pub fn push(&mut self, r: &InRecord, e: &CallEvent, mut h: Held, now: Millis) {
+        let t = e.phase_time();
         let idle = self.cfg.map_or(0, |c| c.idle_ms);
         if self.lanes.iter().all(|l| now - l.heard >= idle) {
             self.started = now;
         }
-        let carrier = h.event.provider_id.as_str();
+        let carrier = e.provider_id.as_str();
         match self
             .lanes
             .iter_mut()
@@ -287,6 +291,7 @@ mod tests {
     use std::sync::Arc;
 
     use tollguard_core::bus::InRecord;
+    use tollguard_core::codec::{decode_event, encode_event};
     use tollguard_core::ingest::{Ingestor, ReferenceData};
     use tollguard_core::model::{CallEvent, Millis};
     use tollguard_core::number::DialPlan;
@@ -312,7 +317,7 @@ mod tests {
 
     /// An end event of `carrier` at event time `t` (offset `offset` of
     /// `partition`).
-    fn ev(carrier: &str, t: Millis, partition: i32, offset: i64) -> (InRecord, Held) {
+    fn ev(carrier: &str, t: Millis, partition: i32, offset: i64) -> InRecord {
         let ing = Ingestor::new(
             carrier,
             DialPlan::new("NL"),
@@ -338,28 +343,33 @@ mod tests {
         };
         let e: CallEvent = ing.ingest(&raw, t).unwrap();
         assert_eq!(e.phase_time(), t);
-        let r = InRecord {
+        InRecord {
             topic: "calls".into(),
             partition,
             offset,
             key: Vec::new(),
-            payload: Vec::new(),
+            payload: encode_event(&e),
             headers: Vec::new(),
-        };
-        let h = Held::new(&r, e, false, None);
-        (r, h)
+        }
     }
 
     fn feed(a: &mut Aligner, events: &[(&str, Millis, i32, i64)], now: Millis) {
         for &(c, t, p, o) in events {
-            let (r, h) = ev(c, T0 + t * MIN, p, o);
-            a.polled(&r);
-            a.push(&r, h, now);
+            push(a, ev(c, T0 + t * MIN, p, o), now);
         }
     }
 
+    fn push(a: &mut Aligner, mut r: InRecord, now: Millis) {
+        let e = decode_event(&r.payload).unwrap();
+        a.polled(&r);
+        let h = Held::new(&mut r, false);
+        a.push(&r, &e, h, now);
+    }
+
     fn ids(out: &[Held]) -> Vec<String> {
-        out.iter().map(|h| h.event.event_id.clone()).collect()
+        out.iter()
+            .map(|h| decode_event(&h.payload).unwrap().event_id)
+            .collect()
     }
 
     fn id(c: &str, minute: Millis) -> String {
@@ -439,9 +449,7 @@ mod tests {
     fn live_events_pass_and_holds_are_bounded() {
         let mut a = Aligner::new(Some(cfg()));
         // A live event (event time = wall clock) passes during warm-up.
-        let (r, h) = ev("kpn", WALL - 5_000, 0, 0);
-        a.polled(&r);
-        a.push(&r, h, WALL);
+        push(&mut a, ev("kpn", WALL - 5_000, 0, 0), WALL);
         assert_eq!(a.release(WALL).len(), 1);
 
         let mut a = Aligner::new(Some(cfg()));

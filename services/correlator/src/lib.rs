@@ -329,13 +329,14 @@ fn prepare(
     let lateness = engine.detector().config().general.allowed_lateness_s as i64 * 1000;
     let mut dead = Vec::new();
     let now = wall();
-    for r in &records {
+    let mut records = records;
+    for r in &mut records {
         aligner.polled(r);
         match decode_event(&r.payload) {
             Ok(e) => {
                 let late = watermarks.observe_at(r.partition, &e, lateness, now);
-                let parent = r.header(HEADER_TRACEPARENT).map(<[u8]>::to_vec);
-                aligner.push(r, Held::new(r, e, late, parent), now);
+                let h = Held::new(r, late);
+                aligner.push(r, &e, h, now);
             }
             Err(err) => {
                 tracing::warn!(topic = %r.topic, partition = r.partition, offset = r.offset, reason = %err, "undecodable record sent to the DLQ");
@@ -359,9 +360,13 @@ fn prepare(
     let mut late = Vec::with_capacity(released.len());
     let mut parents = Vec::with_capacity(released.len());
     for h in released {
+        // Decoded once already, when it arrived.
+        let Ok(e) = decode_event(&h.payload) else {
+            continue;
+        };
         late.push(h.late);
-        parents.push((h.event.event_key(), h.parent));
-        events.push(h.event);
+        parents.push((e.event_key(), h.parent));
+        events.push(e);
     }
     let planned = engine.plan(&events, &late, watermarks.horizon(now));
     Prepared {
