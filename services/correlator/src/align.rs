@@ -64,6 +64,16 @@ pub struct Held {
 }
 
 impl Held {
+    /// Partition of its record.
+    pub fn partition(&self) -> i32 {
+        self.partition
+    }
+
+    /// Offset of its record.
+    pub fn offset(&self) -> i64 {
+        self.offset
+    }
+
     /// The event of record `r` (its payload moved here), late or not.
     pub fn new(r: &mut InRecord, late: bool) -> Self {
         Self {
@@ -198,6 +208,14 @@ impl Aligner {
         let key = (t, self.seq);
         self.arrivals.push_back((now, key));
         self.held.insert(key, h);
+        // Entries of released events leave the arrival queue only from its
+        // front: one event held long at the front would let the queue grow
+        // with every event behind it. Compact it now and then (amortised
+        // O(1) per event).
+        if self.arrivals.len() > 2 * self.held.len() + 1024 {
+            let held = &self.held;
+            self.arrivals.retain(|(_, k)| held.contains_key(k));
+        }
     }
 
     /// The events that may go at wall time `now`, in event-time order.
@@ -480,6 +498,24 @@ mod tests {
         );
         assert_eq!(ids(&a.release(WALL + 100)), [id("kpn", 1), id("bt", 20)]);
         assert_eq!(a.len(), 2);
+    }
+
+    /// One event held long (its lane raced ahead) does not let the
+    /// bookkeeping of the events released meanwhile pile up.
+    #[test]
+    fn one_long_held_event_keeps_the_bookkeeping_bounded() {
+        let mut a = Aligner::new(Some(cfg()));
+        feed(&mut a, &[("bt", 100_000, 0, 0)], WALL);
+        for i in 1..5_000 {
+            feed(&mut a, &[("kpn", i, 1, i)], WALL + 2_000 + i);
+            a.release(WALL + 2_000 + i);
+        }
+        assert_eq!(a.len(), 1, "only bt's event is held");
+        assert!(
+            a.arrivals.len() <= 2 * a.len() + 1025,
+            "{}",
+            a.arrivals.len()
+        );
     }
 
     /// Without alignment every event passes at once, in event-time order.

@@ -14,7 +14,7 @@ pub mod config;
 pub mod metrics;
 pub mod overlay;
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -330,6 +330,9 @@ fn prepare(
     let mut dead = Vec::new();
     let now = wall();
     let mut records = records;
+    // This batch's decoded events: the ones released right away (all of
+    // them on the live path) are not decoded twice.
+    let mut fresh: HashMap<(i32, i64), CallEvent> = HashMap::with_capacity(records.len());
     for r in &mut records {
         aligner.polled(r);
         match decode_event(&r.payload) {
@@ -337,6 +340,7 @@ fn prepare(
                 let late = watermarks.observe_at(r.partition, &e, lateness, now);
                 let h = Held::new(r, late);
                 aligner.push(r, &e, h, now);
+                fresh.insert((r.partition, r.offset), e);
             }
             Err(err) => {
                 tracing::warn!(topic = %r.topic, partition = r.partition, offset = r.offset, reason = %err, "undecodable record sent to the DLQ");
@@ -360,9 +364,13 @@ fn prepare(
     let mut late = Vec::with_capacity(released.len());
     let mut parents = Vec::with_capacity(released.len());
     for h in released {
-        // Decoded once already, when it arrived.
-        let Ok(e) = decode_event(&h.payload) else {
-            continue;
+        let e = match fresh.remove(&(h.partition(), h.offset())) {
+            Some(e) => e,
+            // Held from an earlier batch; it decoded then, so it does now.
+            None => match decode_event(&h.payload) {
+                Ok(e) => e,
+                Err(_) => continue,
+            },
         };
         late.push(h.late);
         parents.push((e.event_key(), h.parent));
