@@ -6,7 +6,8 @@
 //!
 //! Unpaced, the carriers' feeds drift days apart in event time (the
 //! smallest file is sent in a second); the correlator's alignment
-//! (`[alignment]`) merges them back in event time, so the cross-carrier
+//! (`[alignment]`, on in the example config) merges them back in event
+//! time, so the cross-carrier
 //! campaigns (a burst over two carriers, callbacks to numbers that rang
 //! through another carrier) are caught as early as in the embedded run.
 
@@ -34,7 +35,12 @@ async fn the_suite_sent_unpaced_through_the_services_scores_like_the_embedded_ru
         &mut Vec::new(),
     )
     .unwrap();
-    let stack = Stack::start(dir.path()).await;
+    // One correlator with alignment on, as deploy/examples/correlator.toml
+    // runs it (off by default).
+    let mut stack = Stack::start_ingesters(dir.path()).await;
+    let http = stack.correlator_http;
+    let align = [("TOLLGUARD__ALIGNMENT__ENABLED".into(), "true".into())];
+    stack.correlator = Some(stack.spawn_correlator("correlator", http, &align).await);
     stack.send_all(&files);
     stack.wait_processed(n as f64).await;
     let pipeline = PipelineOpts {

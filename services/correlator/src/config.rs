@@ -161,7 +161,9 @@ pub struct CorrelatorConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AlignmentConfig {
-    /// Off: events are processed as polled (each batch in event time).
+    /// On: align. Off (the default): events are processed as polled, each
+    /// batch in event time. Meant for one correlator: with several
+    /// replicas each aligns only its own partitions (see ARCHITECTURE).
     pub enabled: bool,
     /// Events newer than this behind the wall clock are live: never held.
     pub live_window_s: u64,
@@ -176,7 +178,7 @@ pub struct AlignmentConfig {
 impl Default for AlignmentConfig {
     fn default() -> Self {
         Self {
-            enabled: true,
+            enabled: false,
             live_window_s: 60,
             idle_ms: 5000,
             max_hold_s: 600,
@@ -338,15 +340,17 @@ mod tests {
     }
 
     #[test]
-    fn alignment_is_on_by_default_and_bad_bounds_name_the_key() {
-        let cfg = with(&[]).unwrap();
-        let a = cfg.alignment.bounds().expect("on by default");
+    fn alignment_is_opt_in_and_bad_bounds_name_the_key() {
+        assert!(
+            with(&[]).unwrap().alignment.bounds().is_none(),
+            "off by default"
+        );
+        let cfg = with(&[("TOLLGUARD__ALIGNMENT__ENABLED", "true")]).unwrap();
+        let a = cfg.alignment.bounds().expect("enabled");
         assert_eq!(
             (a.live_window_ms, a.idle_ms, a.max_hold_ms, a.max_events),
             (60_000, 5_000, 600_000, 10_000)
         );
-        let off = with(&[("TOLLGUARD__ALIGNMENT__ENABLED", "false")]).unwrap();
-        assert!(off.alignment.bounds().is_none());
         for (var, key) in [
             (
                 "TOLLGUARD__ALIGNMENT__LIVE_WINDOW_S",
