@@ -167,11 +167,6 @@ impl Worker {
         self.aligner = Aligner::new(Some(cfg));
     }
 
-    /// Events held back for alignment now.
-    pub fn held(&self) -> usize {
-        self.aligner.len()
-    }
-
     /// Waits for these carriers before pruning window state (see
     /// [`tollguard_core::rules::Watermarks`]).
     pub fn expect_carriers(&mut self, carriers: Vec<String>) {
