@@ -150,12 +150,17 @@ impl Aligner {
         self.held.is_empty()
     }
 
-    fn part(&mut self, r: &InRecord) -> usize {
+    /// Records that record `r` was polled (decoded or not: a dead letter's
+    /// offset is committable too); returns its partition's index, for
+    /// [`Self::push`].
+    pub fn polled(&mut self, r: &InRecord) -> usize {
         if let Some(i) = self
             .partitions
             .iter()
             .position(|p| p.partition == r.partition && p.topic == r.topic)
         {
+            let p = &mut self.partitions[i];
+            p.polled = p.polled.max(r.offset);
             return i;
         }
         self.partitions.push(PartitionState {
@@ -167,21 +172,18 @@ impl Aligner {
         self.partitions.len() - 1
     }
 
-    /// Records that record `r` was polled (decoded or not: a dead letter's
-    /// offset is committable too).
-    pub fn polled(&mut self, r: &InRecord) -> usize {
-        let i = self.part(r);
-        let p = &mut self.partitions[i];
-        p.polled = p.polled.max(r.offset);
-        i
-    }
-
-    /// Adds event `e` of record `r` (already [`Self::polled`]), held as
-    /// `h`, that arrived at wall time `now`.
-    pub fn push(&mut self, r: &InRecord, e: &CallEvent, mut h: Held, now: Millis) {
+    /// Adds event `e`, held as `h`, of the partition [`Self::polled`]
+    /// returned as `part`, that arrived at wall time `now`.
+    pub fn push(&mut self, part: usize, e: &CallEvent, mut h: Held, now: Millis) {
         let t = e.phase_time();
-        let idle = self.cfg.map_or(0, |c| c.idle_ms);
-        if self.lanes.iter().all(|l| now - l.heard >= idle) {
+        self.seq += 1;
+        let key = (t, self.seq);
+        let Some(cfg) = self.cfg else {
+            // Released by the same batch: only the order is needed.
+            self.held.insert(key, h);
+            return;
+        };
+        if self.lanes.iter().all(|l| now - l.heard >= cfg.idle_ms) {
             self.started = now;
         }
         let carrier = e.provider_id.as_str();
@@ -202,10 +204,8 @@ impl Aligner {
             }),
         }
         h.since = now;
-        h.part = self.part(r);
-        self.partitions[h.part].held.insert(h.offset);
-        self.seq += 1;
-        let key = (t, self.seq);
+        h.part = part;
+        self.partitions[part].held.insert(h.offset);
         self.arrivals.push_back((now, key));
         self.held.insert(key, h);
         // Entries of released events leave the arrival queue only from its
@@ -221,9 +221,7 @@ impl Aligner {
     /// The events that may go at wall time `now`, in event-time order.
     pub fn release(&mut self, now: Millis) -> Vec<Held> {
         let Some(cfg) = self.cfg else {
-            self.arrivals.clear();
-            let all = std::mem::take(&mut self.held);
-            return self.unhold(all.into_values().collect());
+            return std::mem::take(&mut self.held).into_values().collect();
         };
         // Every held event at or before the slowest active lane.
         let mut cut = self
@@ -306,18 +304,12 @@ impl Aligner {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
-
     use tollguard_core::bus::InRecord;
-    use tollguard_core::codec::{decode_event, encode_event};
-    use tollguard_core::ingest::{Ingestor, ReferenceData};
-    use tollguard_core::model::{CallEvent, Millis};
-    use tollguard_core::number::DialPlan;
-    use tollguard_core::pseudo::{Key, Pseudonymizer};
-    use tollguard_core::record::RawRecord;
-    use tollguard_core::render::rfc3339;
+    use tollguard_core::codec::decode_event;
+    use tollguard_core::model::Millis;
 
     use super::{Aligner, Alignment, Held};
+    use crate::tests::{ended, ingestor};
 
     const T0: Millis = 1_307_746_020_000; // 2011: historical
     const MIN: Millis = 60_000;
@@ -336,37 +328,15 @@ mod tests {
     /// An end event of `carrier` at event time `t` (offset `offset` of
     /// `partition`).
     fn ev(carrier: &str, t: Millis, partition: i32, offset: i64) -> InRecord {
-        let ing = Ingestor::new(
-            carrier,
-            DialPlan::new("NL"),
-            2,
-            Pseudonymizer::new(Key::new("k1", &[3u8; 32]).unwrap()),
-            Arc::new(ReferenceData::default()),
-        )
-        .unwrap();
         let id = format!("{carrier}-{t}");
-        let raw = RawRecord {
-            provider_id: Some(carrier.into()),
-            event_id: Some(id.clone()),
-            call_id: Some(id),
-            phase: Some("end".into()),
-            customer_id: Some("kvk:1".into()),
-            line_id: Some("line-1".into()),
-            caller: Some("+31201234567".into()),
-            callee: Some("+67571123456".into()),
-            direction: Some("outbound".into()),
-            start_time: Some(rfc3339(t - MIN)),
-            duration_s: Some(60.0),
-            ..Default::default()
-        };
-        let e: CallEvent = ing.ingest(&raw, t).unwrap();
-        assert_eq!(e.phase_time(), t);
+        let payload = ended(&ingestor(carrier), carrier, &id, "kvk:1", t);
+        assert_eq!(decode_event(&payload).unwrap().phase_time(), t);
         InRecord {
             topic: "calls".into(),
             partition,
             offset,
             key: Vec::new(),
-            payload: encode_event(&e),
+            payload,
             headers: Vec::new(),
         }
     }
@@ -379,9 +349,9 @@ mod tests {
 
     fn push(a: &mut Aligner, mut r: InRecord, now: Millis) {
         let e = decode_event(&r.payload).unwrap();
-        a.polled(&r);
+        let part = a.polled(&r);
         let h = Held::new(&mut r, false);
-        a.push(&r, &e, h, now);
+        a.push(part, &e, h, now);
     }
 
     fn ids(out: &[Held]) -> Vec<String> {

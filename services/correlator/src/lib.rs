@@ -319,22 +319,21 @@ fn prepare(
     watermarks: &mut tollguard_core::rules::Watermarks,
     aligner: &mut Aligner,
     topics: &Topics,
-    records: Vec<InRecord>,
+    mut records: Vec<InRecord>,
 ) -> Prepared {
     let lateness = engine.detector().config().general.allowed_lateness_s as i64 * 1000;
     let mut dead = Vec::new();
     let now = wall();
-    let mut records = records;
     // This batch's decoded events: the ones released right away (all of
     // them on the live path) are not decoded twice.
     let mut fresh: HashMap<(i32, i64), CallEvent> = HashMap::with_capacity(records.len());
     for r in &mut records {
-        aligner.polled(r);
+        let part = aligner.polled(r);
         match decode_event(&r.payload) {
             Ok(e) => {
                 let late = watermarks.observe_at(r.partition, &e, lateness, now);
                 let h = Held::new(r, late);
-                aligner.push(r, &e, h, now);
+                aligner.push(part, &e, h, now);
                 fresh.insert((r.partition, r.offset), e);
             }
             Err(err) => {
@@ -508,7 +507,7 @@ mod tests {
 
     use super::{Topics, Worker, prepare};
 
-    fn ingestor(carrier: &str) -> Ingestor {
+    pub(crate) fn ingestor(carrier: &str) -> Ingestor {
         Ingestor::new(
             carrier,
             DialPlan::new("NL"),
@@ -520,7 +519,13 @@ mod tests {
     }
 
     /// A call of `customer` through `carrier` that ended at `end` (ms).
-    fn ended(ing: &Ingestor, carrier: &str, id: &str, customer: &str, end: i64) -> Vec<u8> {
+    pub(crate) fn ended(
+        ing: &Ingestor,
+        carrier: &str,
+        id: &str,
+        customer: &str,
+        end: i64,
+    ) -> Vec<u8> {
         let raw = RawRecord {
             provider_id: Some(carrier.into()),
             event_id: Some(id.into()),
