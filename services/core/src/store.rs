@@ -294,6 +294,47 @@ pub struct StateWrite {
     pub ttl_ms: i64,
 }
 
+/// One input lane's progress as a correlator replica saw it (see
+/// [`WindowStore::merge_lanes`]): a lane is one carrier's events in one
+/// partition of the calls topic.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct LaneMark {
+    /// The lane, `<partition>|<carrier>`.
+    pub lane: String,
+    /// Highest event time seen on it (ms).
+    pub event_time: i64,
+    /// Wall time it was last seen (ms).
+    pub seen: i64,
+}
+
+/// The reference semantics of [`WindowStore::merge_lanes`] over a table of
+/// lane → (event time, seen): each reported lane keeps the higher of each
+/// value, lanes not seen for `retain_ms` before `now` are dropped, and the
+/// whole table is returned, sorted by lane.
+pub fn merge_lane_table(
+    table: &mut BTreeMap<String, (i64, i64)>,
+    lanes: &[LaneMark],
+    now: i64,
+    retain_ms: i64,
+) -> Vec<LaneMark> {
+    for l in lanes {
+        let e = table
+            .entry(l.lane.clone())
+            .or_insert((l.event_time, l.seen));
+        e.0 = e.0.max(l.event_time);
+        e.1 = e.1.max(l.seen);
+    }
+    table.retain(|_, (_, seen)| now - *seen <= retain_ms);
+    table
+        .iter()
+        .map(|(lane, (event_time, seen))| LaneMark {
+            lane: lane.clone(),
+            event_time: *event_time,
+            seen: *seen,
+        })
+        .collect()
+}
+
 /// Shared windowed state. Implementations must give identical results for
 /// identical update sequences (the shared suite checks this).
 #[async_trait]
@@ -321,6 +362,19 @@ pub trait WindowStore: Send + Sync + fmt::Debug {
     async fn set_members(&self, name: &str) -> Result<Vec<String>, StoreError>;
     /// Adds a member to a consortium-wide set; true if it was new.
     async fn set_add(&self, name: &str, member: &str) -> Result<bool, StoreError>;
+    /// Merges `lanes` into the consortium-wide lane table `name`, which
+    /// every correlator replica shares, and returns the whole table (see
+    /// [`merge_lane_table`]: each lane keeps the highest event time and the
+    /// latest wall time any replica reported; lanes not seen for
+    /// `retain_ms` before `now`, wall time, are dropped). Atomic per call.
+    /// The table lives `retain_ms` after its last merge.
+    async fn merge_lanes(
+        &self,
+        name: &str,
+        lanes: &[LaneMark],
+        now: i64,
+        retain_ms: i64,
+    ) -> Result<Vec<LaneMark>, StoreError>;
     /// Checks the backend is reachable.
     async fn ping(&self) -> Result<(), StoreError>;
 }
@@ -366,6 +420,8 @@ struct Inner {
     ops_since_sweep: usize,
     /// When journaling: the last TTL given to each key touched.
     touched: Option<HashMap<String, i64>>,
+    /// Lane tables ([`WindowStore::merge_lanes`]), by key.
+    lanes: HashMap<String, BTreeMap<String, (i64, i64)>>,
 }
 
 /// How much longer than its TTL a written key may live: a sixteenth of the
@@ -900,6 +956,21 @@ impl WindowStore for MemoryStore {
             *e = Value::Set(HashSet::from_iter([member.to_string()]));
             Ok(true)
         }
+    }
+
+    async fn merge_lanes(
+        &self,
+        name: &str,
+        lanes: &[LaneMark],
+        now: i64,
+        retain_ms: i64,
+    ) -> Result<Vec<LaneMark>, StoreError> {
+        let mut g = self.lock();
+        let table = g
+            .lanes
+            .entry(Scope::Global.key(&self.prefix, name))
+            .or_default();
+        Ok(merge_lane_table(table, lanes, now, retain_ms))
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

@@ -587,31 +587,33 @@ async fn an_alert_claimed_but_never_published_is_republished_when_its_event_come
     assert!(third.alerts.is_empty());
 }
 
+/// An event of `provider` at `at_s` seconds after T0 (for the watermarks).
+fn wm_event(provider: &str, at_s: i64) -> tollguard_core::model::CallEvent {
+    let mut e = ingestor("kpn")
+        .ingest(
+            &RawRecord {
+                provider_id: Some("kpn".into()),
+                event_id: Some("w".into()),
+                call_id: Some("w".into()),
+                phase: Some("start".into()),
+                line_id: Some("l".into()),
+                caller: Some("+31201234567".into()),
+                callee: Some("+31301234567".into()),
+                direction: Some("outbound".into()),
+                start_time: Some(rfc3339(T0 + at_s * 1000)),
+                ..Default::default()
+            },
+            T0 + 86_400_000,
+        )
+        .unwrap();
+    e.provider_id = provider.into();
+    e
+}
+
 #[test]
-fn the_low_watermark_waits_for_expected_and_lagging_carriers() {
+fn the_low_watermark_waits_for_expected_and_lagging_lanes() {
     use tollguard_core::rules::Watermarks;
-    let ing = ingestor("kpn");
-    let ev = |provider: &str, at_s: i64| {
-        let mut e = ing
-            .ingest(
-                &RawRecord {
-                    provider_id: Some("kpn".into()),
-                    event_id: Some("w".into()),
-                    call_id: Some("w".into()),
-                    phase: Some("start".into()),
-                    line_id: Some("l".into()),
-                    caller: Some("+31201234567".into()),
-                    callee: Some("+31301234567".into()),
-                    direction: Some("outbound".into()),
-                    start_time: Some(rfc3339(T0 + at_s * 1000)),
-                    ..Default::default()
-                },
-                T0 + 86_400_000,
-            )
-            .unwrap();
-        e.provider_id = provider.into();
-        e
-    };
+    let ev = wm_event;
     let mut w = Watermarks::expecting(vec!["kpn".into(), "bt".into()]);
     w.observe_at(0, &ev("kpn", 7200), 300_000, 0);
     assert_eq!(w.horizon(1), i64::MIN, "bt not seen yet: prune nothing");
@@ -621,9 +623,75 @@ fn the_low_watermark_waits_for_expected_and_lagging_carriers() {
         T0 + 600_000,
         "the lagging carrier holds the horizon"
     );
-    // bt goes quiet for longer than the staleness bound: it stops holding pruning back.
+    // One partition of a carrier lagging holds it too, whatever the
+    // carrier's other partitions reached.
+    w.observe_at(1, &ev("kpn", 1200), 300_000, 4);
+    w.observe_at(2, &ev("bt", 9000), 300_000, 4);
+    assert_eq!(w.horizon(5), T0 + 600_000);
+    w.observe_at(1, &ev("bt", 8000), 300_000, 6);
+    assert_eq!(w.horizon(7), T0 + 1_200_000, "kpn's partition 1");
+    // The lanes quiet for longer than the staleness bound stop holding
+    // pruning back.
     w.observe_at(0, &ev("kpn", 9000), 300_000, 20 * 60_000);
+    w.observe_at(2, &ev("bt", 9100), 300_000, 20 * 60_000);
     assert_eq!(w.horizon(20 * 60_000), T0 + 9_000_000);
+}
+
+/// Two correlator replicas, each owning some partitions, share their lanes
+/// through the window store: the replica ahead prunes only behind the one
+/// behind, and a replica that lost a partition to the other in a rebalance
+/// does not lower it.
+#[tokio::test]
+async fn replicas_prune_behind_the_slowest_lane_of_any_replica() {
+    use tollguard_core::rules::{LANE_TABLE, STALE_MS, Watermarks};
+    let store = MemoryStore::new("tg:");
+    let expected = || Watermarks::expecting(vec!["kpn".into(), "bt".into()]);
+    let (mut a, mut b) = (expected(), expected());
+    // A owns partition 0 and is hours ahead; B owns partition 1.
+    a.observe_at(0, &wm_event("kpn", 36_000), 300_000, 10);
+    a.observe_at(0, &wm_event("bt", 35_000), 300_000, 10);
+    b.observe_at(1, &wm_event("kpn", 600), 300_000, 10);
+    assert_eq!(b.horizon(10), i64::MIN, "B has not seen bt");
+    assert_eq!(a.horizon(10), T0 + 35_000_000, "alone, A prunes far ahead");
+    let sync = |w: &mut Watermarks, now: i64| {
+        let marks = w.marks();
+        let store = &store;
+        async move {
+            store
+                .merge_lanes(LANE_TABLE, &marks, now, 2 * STALE_MS)
+                .await
+                .unwrap()
+        }
+    };
+    let t = sync(&mut a, 11).await;
+    a.set_shared(&t);
+    let t = sync(&mut b, 12).await;
+    b.set_shared(&t);
+    assert_eq!(b.horizon(12), T0 + 600_000, "B sees A's bt lane");
+    assert_eq!(a.horizon(12), T0 + 35_000_000, "A has not merged B's yet");
+    let t = sync(&mut a, 13).await;
+    a.set_shared(&t);
+    assert_eq!(a.horizon(13), T0 + 600_000, "A waits for B's partition");
+    // B catches up; A knows at its next merge.
+    b.observe_at(1, &wm_event("kpn", 34_000), 300_000, 20);
+    let t = sync(&mut b, 20).await;
+    b.set_shared(&t);
+    let t = sync(&mut a, 21).await;
+    a.set_shared(&t);
+    assert_eq!(a.horizon(21), T0 + 34_000_000);
+    // A rebalance moves partition 1 to A, which resumes at B's committed
+    // position: its own older view of the lane lowers nothing.
+    a.observe_at(1, &wm_event("kpn", 33_990), 300_000, 22);
+    let t = sync(&mut a, 22).await;
+    a.set_shared(&t);
+    assert_eq!(a.horizon(22), T0 + 34_000_000);
+    // A, owning both partitions now, moves the horizon on by itself.
+    a.observe_at(0, &wm_event("kpn", 40_000), 300_000, STALE_MS + 30);
+    a.observe_at(0, &wm_event("bt", 40_000), 300_000, STALE_MS + 30);
+    a.observe_at(1, &wm_event("kpn", 40_000), 300_000, STALE_MS + 30);
+    let t = sync(&mut a, STALE_MS + 30).await;
+    a.set_shared(&t);
+    assert_eq!(a.horizon(STALE_MS + 30), T0 + 40_000_000);
 }
 
 /// Seconds from T0 to 10:00 UTC on day `d` after T0's day.

@@ -103,8 +103,21 @@ pub struct Worker {
     /// A poll error met while reading ahead (reported by the next step).
     deferred: Option<BusError>,
     watermarks: tollguard_core::rules::Watermarks,
+    /// When this replica's lanes were last merged into the shared table.
+    lanes_merged: Option<Instant>,
     aligner: Aligner,
 }
+
+/// How often a replica merges its lanes into the table shared with the
+/// other replicas (and reads theirs): the low watermark it prunes behind
+/// knows another replica's lanes as of at most this long (plus the other's
+/// own interval) ago. Earlier knowledge is lower, so it only prunes less.
+pub const LANE_MERGE_INTERVAL: Duration = Duration::from_millis(100);
+
+/// A lane not seen for this long is dropped from the shared table (twice
+/// the staleness bound after which it stops holding pruning back, so
+/// replicas' clocks may differ).
+const LANE_RETAIN_MS: i64 = 2 * tollguard_core::rules::STALE_MS;
 
 /// A polled batch, decoded, aligned and planned.
 #[derive(Debug)]
@@ -156,6 +169,7 @@ impl Worker {
             ahead: None,
             deferred: None,
             watermarks: Default::default(),
+            lanes_merged: None,
             aligner: Aligner::default(),
         }
     }
@@ -188,6 +202,12 @@ impl Worker {
         // soon as it is prepared, so a step dropped at any await loses
         // nothing; the next step resumes with the same batches and plans.
         self.queue.extend(self.ahead.take());
+        if self
+            .lanes_merged
+            .is_none_or(|t| t.elapsed() >= LANE_MERGE_INTERVAL)
+        {
+            self.merge_lanes().await?;
+        }
         if self.queue.is_empty() {
             if let Some(e) = self.deferred.take() {
                 return Err(e.into());
@@ -222,6 +242,7 @@ impl Worker {
             deferred,
             watermarks,
             aligner,
+            ..
         } = self;
         let (engine, topics): (&Engine, &Topics) = (engine, topics);
         let Some(cur) = queue.front() else {
@@ -288,6 +309,33 @@ impl Worker {
         }
         queue.pop_front();
         Ok(report)
+    }
+
+    /// Merges this replica's lanes into the table shared with the other
+    /// replicas and takes theirs, so the low watermark covers every
+    /// replica's partitions (see [`tollguard_core::rules::Watermarks`]).
+    /// Cancel-safe: a merge dropped half-way is redone by the next step.
+    async fn merge_lanes(&mut self) -> Result<(), StoreError> {
+        let marks = self.watermarks.marks();
+        let table = self
+            .engine
+            .store()
+            .merge_lanes(
+                tollguard_core::rules::LANE_TABLE,
+                &marks,
+                wall(),
+                LANE_RETAIN_MS,
+            )
+            .await?;
+        self.watermarks.set_shared(&table);
+        self.lanes_merged = Some(Instant::now());
+        if let Some(m) = self.metrics.as_ref() {
+            let h = self.watermarks.horizon(wall());
+            if h > 0 && h < i64::MAX {
+                m.low_watermark.set(h / 1000);
+            }
+        }
+        Ok(())
     }
 
     /// Commits what was processed and leaves the group. A batch still
@@ -503,7 +551,9 @@ mod tests {
     use tollguard_core::record::RawRecord;
     use tollguard_core::render::rfc3339;
     use tollguard_core::rules::{Detector, Engine, HotList, Policies, RulesConfig};
-    use tollguard_core::store::{MemoryStore, Outcome, Scope, StateWrite, Update, WindowStore};
+    use tollguard_core::store::{
+        LaneMark, MemoryStore, Outcome, Scope, StateWrite, Update, WindowStore,
+    };
 
     use super::{Topics, Worker, prepare};
 
@@ -569,6 +619,15 @@ mod tests {
         }
         async fn set_add(&self, name: &str, member: &str) -> Result<bool, StoreError> {
             self.0.set_add(name, member).await
+        }
+        async fn merge_lanes(
+            &self,
+            name: &str,
+            lanes: &[LaneMark],
+            now: i64,
+            retain_ms: i64,
+        ) -> Result<Vec<LaneMark>, StoreError> {
+            self.0.merge_lanes(name, lanes, now, retain_ms).await
         }
         async fn ping(&self) -> Result<(), StoreError> {
             self.0.ping().await

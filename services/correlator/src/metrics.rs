@@ -34,6 +34,9 @@ pub struct Metrics {
     pub store_seconds: Histogram,
     /// Events held back to align the carriers' feeds in event time.
     pub held: Gauge,
+    /// The low watermark window state is pruned behind, over every
+    /// replica's lanes (event time, Unix seconds).
+    pub low_watermark: Gauge,
 }
 
 impl Metrics {
@@ -47,7 +50,13 @@ impl Metrics {
             alerts: Family::default(),
             store_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
             held: Gauge::default(),
+            low_watermark: Gauge::default(),
         };
+        reg.register(
+            "correlator_low_watermark_seconds",
+            "Event time (Unix seconds) of the slowest carrier lane over all correlator replicas; window state is pruned only behind it",
+            m.low_watermark.clone(),
+        );
         reg.register(
             "correlator_held_events",
             "Historical events held back until every active carrier's feed reached their event time (alignment)",

@@ -71,7 +71,7 @@ use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster_async::ClusterConnection;
 use redis::{Cmd, ErrorKind, RedisError, RedisFuture, RetryMethod, Script, Value};
 use tollguard_core::StoreError;
-use tollguard_core::store::{Outcome, Scope, StateWrite, Update, WindowStore};
+use tollguard_core::store::{LaneMark, Outcome, Scope, StateWrite, Update, WindowStore};
 
 /// Compare-and-set of one state value.
 /// KEYS[1] = the state key; ARGV = expect present (1|0), expected value,
@@ -83,6 +83,41 @@ if (ARGV[1] == '0' and not cur) or (ARGV[1] == '1' and cur == ARGV[2]) then
   return 1
 end
 return 0
+"#;
+
+/// Merge of lane progress into the shared lane table (the semantics of
+/// `tollguard_core::store::merge_lane_table`). KEYS[1] = the table (a hash
+/// of `t:<lane>` → event time and `s:<lane>` → wall time seen); ARGV = now,
+/// retention in ms, then (lane, event time, seen) triples. Returns the
+/// table after the merge as a flat list of (lane, event time, seen).
+const MERGE_LANES: &str = r#"
+local now, retain = tonumber(ARGV[1]), tonumber(ARGV[2])
+for i = 3, #ARGV, 3 do
+  local lane, t, s = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+  local ct = redis.call('HGET', KEYS[1], 't:' .. lane)
+  if not ct or tonumber(ct) < tonumber(t) then redis.call('HSET', KEYS[1], 't:' .. lane, t) end
+  local cs = redis.call('HGET', KEYS[1], 's:' .. lane)
+  if not cs or tonumber(cs) < tonumber(s) then redis.call('HSET', KEYS[1], 's:' .. lane, s) end
+end
+local all = redis.call('HGETALL', KEYS[1])
+local seen, times = {}, {}
+for i = 1, #all, 2 do
+  local kind, lane = string.sub(all[i], 1, 2), string.sub(all[i], 3)
+  if kind == 's:' then seen[lane] = all[i + 1] else times[lane] = all[i + 1] end
+end
+local out = {}
+for lane, t in pairs(times) do
+  local s = seen[lane]
+  if s and now - tonumber(s) <= retain then
+    out[#out + 1] = lane
+    out[#out + 1] = t
+    out[#out + 1] = s
+  else
+    redis.call('HDEL', KEYS[1], 't:' .. lane, 's:' .. lane)
+  end
+end
+if #all > 0 then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return out
 "#;
 
 /// Default bound of the scope state kept between batches (bytes, estimated).
@@ -181,6 +216,7 @@ pub struct RedisStore {
     prefix: String,
     write: Script,
     cas: Script,
+    merge_lanes: Script,
     /// Scope state between batches (shared by clones).
     cache: Arc<local::SharedCache>,
 }
@@ -296,10 +332,12 @@ impl RedisStore {
             prefix: prefix.to_string(),
             write: Script::new(local::WRITE),
             cas: Script::new(CAS),
+            merge_lanes: Script::new(MERGE_LANES),
             cache: Arc::new(local::SharedCache::new(DEFAULT_CACHE_BYTES)),
         };
         s.load(&s.write).await?;
         s.load(&s.cas).await?;
+        s.load(&s.merge_lanes).await?;
         tracing::debug!(store = ?s, "redis window store connected, scripts loaded");
         Ok(s)
     }
@@ -774,6 +812,44 @@ impl WindowStore for RedisStore {
             .await
             .map_err(store_err)?;
         Ok(added == 1)
+    }
+
+    async fn merge_lanes(
+        &self,
+        name: &str,
+        lanes: &[LaneMark],
+        now: i64,
+        retain_ms: i64,
+    ) -> Result<Vec<LaneMark>, StoreError> {
+        let mut inv = self.merge_lanes.key(Scope::Global.key(&self.prefix, name));
+        inv.arg(now).arg(retain_ms.max(1));
+        for l in lanes {
+            inv.arg(&l.lane).arg(l.event_time).arg(l.seen);
+        }
+        let mut c = self.conn.clone();
+        let flat: Vec<String> = inv.invoke_async(&mut c).await.map_err(store_err)?;
+        if !flat.len().is_multiple_of(3) {
+            return Err(protocol(format!(
+                "lane table: {} values, not triples",
+                flat.len()
+            )));
+        }
+        let num = |v: &str| {
+            v.parse::<i64>()
+                .map_err(|_| protocol(format!("lane table: {v:?} is not an integer")))
+        };
+        let mut out = flat
+            .chunks(3)
+            .map(|c| {
+                Ok(LaneMark {
+                    lane: c[0].clone(),
+                    event_time: num(&c[1])?,
+                    seen: num(&c[2])?,
+                })
+            })
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        out.sort();
+        Ok(out)
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

@@ -14,7 +14,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use tollguard_core::error::StoreError;
-use tollguard_core::store::{Outcome, Scope, StateWrite, Update, WindowStore};
+use tollguard_core::store::{LaneMark, Outcome, Scope, StateWrite, Update, WindowStore};
 
 /// Label of the store metrics.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -109,6 +109,20 @@ impl WindowStore for MeteredStore {
     async fn set_add(&self, name: &str, member: &str) -> Result<bool, StoreError> {
         self.timed("set_add", self.inner.set_add(name, member))
             .await
+    }
+
+    async fn merge_lanes(
+        &self,
+        name: &str,
+        lanes: &[LaneMark],
+        now: i64,
+        retain_ms: i64,
+    ) -> Result<Vec<LaneMark>, StoreError> {
+        self.timed(
+            "merge_lanes",
+            self.inner.merge_lanes(name, lanes, now, retain_ms),
+        )
+        .await
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

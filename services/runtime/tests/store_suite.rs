@@ -20,8 +20,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use proptest::prelude::*;
 use tollguard_core::StoreError;
 use tollguard_core::store::{
-    Groups, MemoryStore, Op, OpResult, Outcome, Scope, StateWrite, Update, Val, WindowStore,
-    ttl_slack,
+    Groups, LaneMark, MemoryStore, Op, OpResult, Outcome, Scope, StateWrite, Update, Val,
+    WindowStore, ttl_slack,
 };
 use tollguard_runtime::redis_store::RedisStore;
 
@@ -1030,6 +1030,112 @@ async fn sets_add_and_list_sorted(h: &Harness) {
     }
 }
 
+fn lane(lane: &str, event_time: i64, seen: i64) -> LaneMark {
+    LaneMark {
+        lane: lane.into(),
+        event_time,
+        seen,
+    }
+}
+
+/// The lane table the correlator replicas share: each lane keeps the
+/// highest event time and the latest wall time any replica reported (one
+/// replica's merge never lowers another's), the whole table comes back
+/// sorted, a lane unseen for the retention is dropped, and the table has a
+/// TTL of the retention.
+async fn lanes_merge_by_maximum_and_expire(h: &Harness) {
+    let s = h.store();
+    let now = T0;
+    const RETAIN: i64 = 1_800_000;
+    // Replica A reports partition 0 for kpn and bt.
+    let a = s
+        .merge_lanes(
+            "lanes",
+            &[
+                lane("0|kpn", t(7_200_000), now),
+                lane("0|bt", t(600_000), now),
+            ],
+            now,
+            RETAIN,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        a,
+        vec![
+            lane("0|bt", t(600_000), now),
+            lane("0|kpn", t(7_200_000), now)
+        ]
+    );
+    // Replica B reports partition 1 and an older view of partition 0 (it
+    // owned it before a rebalance): nothing goes back.
+    let b = s
+        .merge_lanes(
+            "lanes",
+            &[
+                lane("1|kpn", t(60_000), now + 5),
+                lane("0|kpn", t(3_600_000), now + 5),
+            ],
+            now + 5,
+            RETAIN,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        b,
+        vec![
+            lane("0|bt", t(600_000), now),
+            lane("0|kpn", t(7_200_000), now + 5),
+            lane("1|kpn", t(60_000), now + 5),
+        ]
+    );
+    // A reader with nothing to report sees the same table; another table
+    // name is another table.
+    assert_eq!(
+        s.merge_lanes("lanes", &[], now + 6, RETAIN).await.unwrap(),
+        b
+    );
+    assert_eq!(
+        s.merge_lanes("other", &[], now + 6, RETAIN).await.unwrap(),
+        vec![]
+    );
+    // Later: bt's lane on partition 0 was not seen for longer than the
+    // retention, kpn's were refreshed.
+    let later = now + RETAIN + 1;
+    let c = s
+        .merge_lanes(
+            "lanes",
+            &[
+                lane("0|kpn", t(7_300_000), later),
+                lane("1|kpn", t(90_000), later),
+            ],
+            later,
+            RETAIN,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        c,
+        vec![
+            lane("0|kpn", t(7_300_000), later),
+            lane("1|kpn", t(90_000), later),
+        ]
+    );
+    if let Backend::Redis(raw) = &h.backend {
+        let mut raw = raw.clone();
+        let keys = raw.scan(&h.prefix).await;
+        assert_eq!(keys.len(), 1, "one table key: {keys:?}");
+        let ttl: i64 = raw.query(redis::cmd("PTTL").arg(&keys[0])).await;
+        assert!(ttl > 0 && ttl <= RETAIN, "the table expires: PTTL {ttl}");
+        // The dropped lane is gone from the hash, not only from the answer.
+        let fields: Vec<String> = raw.query(redis::cmd("HKEYS").arg(&keys[0])).await;
+        assert!(
+            !fields.iter().any(|f| f.contains("0|bt")),
+            "stale lane kept: {fields:?}"
+        );
+    }
+}
+
 /// Empty batches, updates without ops, and ping.
 async fn empty_batches_and_updates(h: &Harness) {
     let s = h.store();
@@ -1151,6 +1257,7 @@ suite!(
     sets_add_and_list_sorted,
     empty_batches_and_updates,
     a_batch_over_many_scopes,
+    lanes_merge_by_maximum_and_expire,
 );
 
 // ---------------------------------------------------------------------------

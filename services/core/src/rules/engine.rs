@@ -22,7 +22,7 @@ use crate::error::StoreError;
 use crate::model::{CallEvent, Millis};
 use crate::rules::config::Severity;
 use crate::rules::detect::{Detector, Finding, Plan, Rule};
-use crate::store::{Scope, StateWrite, Update, WindowStore};
+use crate::store::{LaneMark, Scope, StateWrite, Update, WindowStore};
 
 /// Persisted state of one incident.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -83,21 +83,33 @@ pub struct Processed {
 /// partitions progress independently, so lateness is judged per lane).
 ///
 /// They also give the *low watermark* below which window state may be
-/// pruned: the slowest carrier's event time. A carrier that backfills hours
-/// behind the others (a bulk `tollguard send`) must still find their calls
-/// in its windows, so pruning waits for it. Carriers listed as expected but
-/// not seen yet hold pruning back entirely; carriers silent for
+/// pruned: the event time of the slowest lane. A carrier that backfills
+/// hours behind the others (a bulk `tollguard send`) must still find their
+/// calls in its windows, so pruning waits for it. Carriers listed as
+/// expected but not seen yet hold pruning back entirely; lanes silent for
 /// `STALE_MS` of wall time stop holding it.
+///
+/// With several correlator replicas each sees only the lanes of the
+/// partitions it owns, and the replicas drift apart in event time; range
+/// state is shared by all of them. So each replica merges its lanes into a
+/// table shared through the window store ([`Watermarks::marks`] →
+/// [`WindowStore::merge_lanes`] → [`Watermarks::set_shared`]) and the low
+/// watermark is taken over every replica's lanes: the replica ahead does
+/// not prune what the one behind still needs.
 #[derive(Debug, Default, Clone)]
 pub struct Watermarks {
-    lanes: HashMap<(i32, String), Millis>,
-    /// Per carrier: highest event time and the wall time it was seen.
-    carriers: HashMap<String, (Millis, Millis)>,
+    /// This replica's lanes: highest event time, wall time last seen.
+    lanes: HashMap<(i32, String), (Millis, Millis)>,
+    /// Every replica's lanes, as of the last merge.
+    shared: HashMap<(i32, String), (Millis, Millis)>,
     expected: Vec<String>,
 }
 
-/// A carrier silent for this long (wall time) no longer holds pruning back.
+/// A lane silent for this long (wall time) no longer holds pruning back.
 pub const STALE_MS: Millis = 15 * 60_000;
+
+/// Name of the lane table shared by the correlator replicas (global scope).
+pub const LANE_TABLE: &str = "lanes";
 
 impl Watermarks {
     /// Watermarks that wait for `expected` carriers before pruning.
@@ -108,17 +120,54 @@ impl Watermarks {
         }
     }
 
-    /// The low watermark at wall time `wall`.
+    /// The low watermark at wall time `wall`, over this replica's lanes and
+    /// the shared ones.
     pub fn horizon(&self, wall: Millis) -> Millis {
-        if self.expected.iter().any(|p| !self.carriers.contains_key(p)) {
+        let mut all: HashMap<(i32, &str), (Millis, Millis)> =
+            HashMap::with_capacity(self.lanes.len() + self.shared.len());
+        for ((p, c), (t, seen)) in self.shared.iter().chain(&self.lanes) {
+            let e = all.entry((*p, c.as_str())).or_insert((*t, *seen));
+            e.0 = e.0.max(*t);
+            e.1 = e.1.max(*seen);
+        }
+        if self
+            .expected
+            .iter()
+            .any(|p| !all.keys().any(|(_, c)| *c == p.as_str()))
+        {
             return Millis::MIN;
         }
-        self.carriers
-            .values()
-            .filter(|(_, seen)| wall - *seen < STALE_MS)
+        all.values()
+            .filter(|(_, seen)| wall.saturating_sub(*seen) < STALE_MS)
             .map(|(t, _)| *t)
             .min()
             .unwrap_or(Millis::MAX)
+    }
+
+    /// This replica's lanes (seen at a known wall time), to merge into the
+    /// shared table.
+    pub fn marks(&self) -> Vec<LaneMark> {
+        self.lanes
+            .iter()
+            .filter(|(_, (_, seen))| *seen != Millis::MIN)
+            .map(|((p, c), (t, seen))| LaneMark {
+                lane: format!("{p}|{c}"),
+                event_time: *t,
+                seen: *seen,
+            })
+            .collect()
+    }
+
+    /// Takes the shared table (the merge's answer); lanes that are not
+    /// `<partition>|<carrier>` are ignored.
+    pub fn set_shared(&mut self, table: &[LaneMark]) {
+        self.shared = table
+            .iter()
+            .filter_map(|m| {
+                let (p, c) = m.lane.split_once('|')?;
+                Some(((p.parse().ok()?, c.to_string()), (m.event_time, m.seen)))
+            })
+            .collect();
     }
 
     /// Observes an event of `partition` at wall time `wall`; true if it is
@@ -130,25 +179,33 @@ impl Watermarks {
         lateness_ms: i64,
         wall: Millis,
     ) -> bool {
-        let c = self
-            .carriers
-            .entry(e.provider_id.clone())
-            .or_insert((e.phase_time(), wall));
-        c.0 = c.0.max(e.phase_time());
-        c.1 = wall;
-        self.observe(partition, e, lateness_ms)
+        self.lane(partition, e, lateness_ms, Some(wall))
     }
 
-    /// Observes an event of `partition`; true if it is later than
-    /// `lateness_ms` behind its lane's watermark.
+    /// Observes an event of `partition` (at no known wall time: the lane
+    /// holds pruning back only once seen through [`Watermarks::observe_at`]);
+    /// true if it is later than `lateness_ms` behind its lane's watermark.
     pub fn observe(&mut self, partition: i32, e: &CallEvent, lateness_ms: i64) -> bool {
+        self.lane(partition, e, lateness_ms, None)
+    }
+
+    fn lane(
+        &mut self,
+        partition: i32,
+        e: &CallEvent,
+        lateness_ms: i64,
+        wall: Option<Millis>,
+    ) -> bool {
         let t = e.phase_time();
         let wm = self
             .lanes
             .entry((partition, e.provider_id.clone()))
-            .or_insert(t);
-        let late = t < *wm - lateness_ms;
-        *wm = (*wm).max(t);
+            .or_insert((t, Millis::MIN));
+        let late = t < wm.0 - lateness_ms;
+        wm.0 = wm.0.max(t);
+        if let Some(w) = wall {
+            wm.1 = w;
+        }
         late
     }
 }

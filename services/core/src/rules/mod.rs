@@ -7,4 +7,4 @@ pub mod engine;
 
 pub use config::{Policies, Policy, RulesConfig, Severity};
 pub use detect::{Detector, Finding, HotList, Plan, Rule};
-pub use engine::{Engine, Planned, Processed, Watermarks};
+pub use engine::{Engine, LANE_TABLE, Planned, Processed, STALE_MS, Watermarks};
