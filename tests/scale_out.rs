@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use pipeline::*;
 use tollguard_proto::v1 as pb;
+use tollguard_runtime::kafka::{KafkaBus, KafkaSettings};
 use tollguard_tests::*;
 
 /// Sum of a metric over several services.
@@ -32,9 +33,35 @@ fn has_burst(alerts: &[pb::Alert]) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_correlators_on_a_redis_cluster_find_what_one_finds() {
+    three_correlators(None).await;
+}
+
+/// Two replicas frozen (SIGSTOP, shorter than the group's session timeout,
+/// so they keep their partitions) while the third runs hours of event time
+/// ahead, then thawed: their events still join the third's in the shared
+/// range windows, because no replica prunes behind a partition no lane was
+/// seen on, nor behind another replica's slowest lane.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_frozen_while_the_others_run_ahead_finds_what_one_finds() {
+    three_correlators(Some(Duration::from_secs(6))).await;
+}
+
+/// Three correlators in one group, on the Redis Cluster, against the
+/// embedded pipeline; with `freeze`, all but the first are stopped for
+/// that long from just before the carriers send.
+async fn three_correlators(freeze: Option<Duration>) {
     let dir = tempfile::tempdir().unwrap();
     let (files, n) = scenario(dir.path());
     let stack = Stack::start_ingesters(dir.path()).await;
+    if freeze.is_some() {
+        // The calls topic exists before the replicas join, so the group
+        // assigns its partitions before anything is sent (else the first
+        // publish creates it).
+        let bus = KafkaBus::new(KafkaSettings::new(kafka())).unwrap();
+        bus.ensure_topics(&[(stack.calls.as_str(), 6, &[])])
+            .await
+            .unwrap();
+    }
     let cluster = cluster_env();
     let mut replicas = Vec::new();
     let mut ports = Vec::new();
@@ -47,8 +74,52 @@ async fn three_correlators_on_a_redis_cluster_find_what_one_finds() {
         );
         ports.push(http);
     }
+    let thaw = if let Some(pause) = freeze {
+        // The frozen replicas must own partitions: wait until the group
+        // has given each replica some.
+        wait_for(
+            "every replica to be assigned partitions",
+            Duration::from_secs(60),
+            || {
+                let logs: Vec<String> = replicas.iter().map(|r| r.log_text()).collect();
+                async move {
+                    logs.iter()
+                        .all(|l| l.contains("kafka partitions assigned"))
+                        .then_some(())
+                }
+            },
+        )
+        .await;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let pids: Vec<String> = replicas[1..]
+            .iter()
+            .map(|r| r.child.id().to_string())
+            .collect();
+        for pid in &pids {
+            let st = std::process::Command::new("kill")
+                .args(["-STOP", pid])
+                .status()
+                .unwrap();
+            assert!(st.success());
+        }
+        Some(std::thread::spawn(move || {
+            std::thread::sleep(pause);
+            pids.iter().all(|pid| {
+                std::process::Command::new("kill")
+                    .args(["-CONT", pid])
+                    .status()
+                    .unwrap()
+                    .success()
+            })
+        }))
+    } else {
+        None
+    };
     let t0 = Instant::now();
     stack.send_all(&files);
+    if let Some(t) = thaw {
+        assert!(t.join().unwrap(), "SIGCONT");
+    }
     wait_for(
         &format!("three replicas to process {n} events"),
         Duration::from_secs(180),
@@ -63,7 +134,7 @@ async fn three_correlators_on_a_redis_cluster_find_what_one_finds() {
     .await;
     stack.wait_group_caught_up(Duration::from_secs(60)).await;
     eprintln!(
-        "{n} events through 3 correlators on a 3-node Redis Cluster in {:?}",
+        "{n} events through 3 correlators on a 3-node Redis Cluster in {:?} (freeze {freeze:?})",
         t0.elapsed()
     );
     // Every replica took part: the group spread the partitions.

@@ -685,10 +685,28 @@ async fn replicas_prune_behind_the_slowest_lane_of_any_replica() {
     let t = sync(&mut a, 22).await;
     a.set_shared(&t);
     assert_eq!(a.horizon(22), T0 + 34_000_000);
-    // A, owning both partitions now, moves the horizon on by itself.
+    // A third partition appears (the topic grew): nothing is pruned until a
+    // lane was seen on it.
+    a.expect_partitions(3, 23);
+    assert_eq!(a.horizon(23), i64::MIN, "partition 2 not seen yet");
+    a.observe_at(2, &wm_event("bt", 34_500), 300_000, 24);
+    assert_eq!(a.horizon(24), T0 + 34_000_000);
+    // A fourth stays empty (no subscriber is keyed to it): after STALE_MS
+    // it holds nothing back, like an idle lane.
+    let mut idle = a.clone();
+    idle.expect_partitions(4, 25);
+    assert_eq!(idle.horizon(26), i64::MIN, "partition 3 not seen yet");
+    idle.observe_at(0, &wm_event("kpn", 40_000), 300_000, STALE_MS + 25);
+    assert_eq!(
+        idle.horizon(STALE_MS + 25),
+        T0 + 40_000_000,
+        "partition 3 idle"
+    );
+    // A, owning every partition now, moves the horizon on by itself.
     a.observe_at(0, &wm_event("kpn", 40_000), 300_000, STALE_MS + 30);
     a.observe_at(0, &wm_event("bt", 40_000), 300_000, STALE_MS + 30);
     a.observe_at(1, &wm_event("kpn", 40_000), 300_000, STALE_MS + 30);
+    a.observe_at(2, &wm_event("bt", 40_000), 300_000, STALE_MS + 30);
     let t = sync(&mut a, STALE_MS + 30).await;
     a.set_shared(&t);
     assert_eq!(a.horizon(STALE_MS + 30), T0 + 40_000_000);

@@ -114,10 +114,15 @@ pub struct Worker {
 /// own interval) ago. Earlier knowledge is lower, so it only prunes less.
 pub const LANE_MERGE_INTERVAL: Duration = Duration::from_millis(100);
 
-/// A lane not seen for this long is dropped from the shared table (twice
-/// the staleness bound after which it stops holding pruning back, so
-/// replicas' clocks may differ).
-const LANE_RETAIN_MS: i64 = 2 * tollguard_core::rules::STALE_MS;
+/// A lane not seen for this long is dropped from the shared table: the
+/// state TTL (all its state has expired by then), and at least twice the
+/// staleness bound after which it stops holding pruning back (replicas'
+/// clocks may differ). Until then an idle partition still counts as one a
+/// lane was seen on.
+fn lane_retain_ms(engine: &Engine) -> i64 {
+    let ttl = engine.detector().config().general.state_ttl_s as i64 * 1000;
+    ttl.max(2 * tollguard_core::rules::STALE_MS)
+}
 
 /// A polled batch, decoded, aligned and planned.
 #[derive(Debug)]
@@ -185,6 +190,13 @@ impl Worker {
     /// [`tollguard_core::rules::Watermarks`]).
     pub fn expect_carriers(&mut self, carriers: Vec<String>) {
         self.watermarks = tollguard_core::rules::Watermarks::expecting(carriers);
+    }
+
+    /// Waits for a lane on each of the calls topic's `partitions` (for at
+    /// most the staleness bound) before pruning window state (see
+    /// [`tollguard_core::rules::Watermarks`]).
+    pub fn expect_partitions(&mut self, partitions: usize) {
+        self.watermarks.expect_partitions(partitions, wall());
     }
 
     /// The engine (to refresh the hot list or policies). A batch already
@@ -324,7 +336,7 @@ impl Worker {
                 tollguard_core::rules::LANE_TABLE,
                 &marks,
                 wall(),
-                LANE_RETAIN_MS,
+                lane_retain_ms(&self.engine),
             )
             .await?;
         self.watermarks.set_shared(&table);

@@ -165,6 +165,7 @@ async fn run(
         worker.align(a);
     }
     let timeout = Duration::from_millis(cfg.poll_timeout_ms);
+    let mut partitions = 0;
     let mut last_hot = Instant::now() - Duration::from_secs(3600);
     let mut backoff = Duration::from_millis(100);
     tracing::info!(group = %cfg.group, "correlator consuming");
@@ -185,6 +186,22 @@ async fn run(
                 Ok(None) => {}
                 Err(e) => {
                     tracing::warn!(error = %e, "policy overlay not applied; keeping the policies in force")
+                }
+            }
+            // Every partition of the calls topic holds pruning back until a
+            // lane was seen on it (partitions can be added at run time).
+            match bus
+                .partition_count(&cfg.topics.calls, Duration::from_secs(5))
+                .await
+            {
+                Ok(Some(n)) if n != partitions => {
+                    tracing::info!(topic = %cfg.topics.calls, partitions = n, "pruning waits for a lane on every partition");
+                    worker.expect_partitions(n);
+                    partitions = n;
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "calls topic metadata not read; keeping the partitions known")
                 }
             }
             last_hot = Instant::now();

@@ -86,7 +86,9 @@ pub struct Processed {
 /// pruned: the event time of the slowest lane. A carrier that backfills
 /// hours behind the others (a bulk `tollguard send`) must still find their
 /// calls in its windows, so pruning waits for it. Carriers listed as
-/// expected but not seen yet hold pruning back entirely; lanes silent for
+/// expected but not seen yet hold pruning back entirely, and so does a
+/// partition of the calls topic no lane was seen on yet (its owner has not
+/// started, or a carrier's history waits there); lanes silent for
 /// `STALE_MS` of wall time stop holding it.
 ///
 /// With several correlator replicas each sees only the lanes of the
@@ -103,6 +105,11 @@ pub struct Watermarks {
     /// Every replica's lanes, as of the last merge.
     shared: HashMap<(i32, String), (Millis, Millis)>,
     expected: Vec<String>,
+    /// Partitions `0..partitions` of the calls topic must each have a lane,
+    /// counted from wall time `partitions_since` (a partition still without
+    /// one after `STALE_MS` is idle, like a stale lane).
+    partitions: i32,
+    partitions_since: Millis,
 }
 
 /// A lane silent for this long (wall time) no longer holds pruning back.
@@ -118,6 +125,14 @@ impl Watermarks {
             expected,
             ..Default::default()
         }
+    }
+
+    /// Waits for a lane on each of the calls topic's `partitions` before
+    /// pruning (0: no such wait), for at most `STALE_MS` from wall time
+    /// `wall` (a partition no event is keyed to stays empty).
+    pub fn expect_partitions(&mut self, partitions: usize, wall: Millis) {
+        self.partitions = i32::try_from(partitions).unwrap_or(i32::MAX);
+        self.partitions_since = wall;
     }
 
     /// The low watermark at wall time `wall`, over this replica's lanes and
@@ -136,6 +151,17 @@ impl Watermarks {
             .any(|p| !all.keys().any(|(_, c)| *c == p.as_str()))
         {
             return Millis::MIN;
+        }
+        if self.partitions > 0 && wall.saturating_sub(self.partitions_since) < STALE_MS {
+            let mut seen = vec![false; self.partitions as usize];
+            for (p, _) in all.keys() {
+                if let Some(s) = usize::try_from(*p).ok().and_then(|p| seen.get_mut(p)) {
+                    *s = true;
+                }
+            }
+            if seen.contains(&false) {
+                return Millis::MIN;
+            }
         }
         all.values()
             .filter(|(_, seen)| wall.saturating_sub(*seen) < STALE_MS)
