@@ -72,6 +72,29 @@ impl Rig {
         duration: f64,
         call: Option<&str>,
     ) -> Vec<pb::Alert> {
+        let (ev, late) = self.event(
+            carrier, customer, direction, caller, callee, phase, at_s, duration, call,
+        );
+        let p = self.engine.process(&[ev], &[late], 0).await.unwrap();
+        let alerts = p.alerts.clone();
+        self.engine.confirm(p).await.unwrap();
+        alerts
+    }
+
+    /// Ingests one record; returns its event and whether it is late.
+    #[allow(clippy::too_many_arguments)]
+    fn event(
+        &mut self,
+        carrier: usize,
+        customer: &str,
+        direction: &str,
+        caller: &str,
+        callee: &str,
+        phase: &str,
+        at_s: i64,
+        duration: f64,
+        call: Option<&str>,
+    ) -> (tollguard_core::model::CallEvent, bool) {
         self.n += 1;
         let ing = &self.ingestors[carrier];
         let call_id = call
@@ -96,10 +119,30 @@ impl Rig {
             .ingest(&raw, T0 + 86_400_000.max(at_s * 1000 + 3_600_000))
             .unwrap();
         let late = self.watermarks.observe(0, &ev, 300_000);
-        let p = self.engine.process(&[ev], &[late], 0).await.unwrap();
-        let alerts = p.alerts.clone();
-        self.engine.confirm(p).await.unwrap();
-        alerts
+        (ev, late)
+    }
+
+    /// The `i`-th call of a burst to East Timor from `customer` at `at_s`,
+    /// lasting `duration` seconds.
+    fn burst_call(
+        &mut self,
+        i: i64,
+        customer: &str,
+        at_s: i64,
+        duration: f64,
+    ) -> tollguard_core::model::CallEvent {
+        self.event(
+            (i % 2) as usize,
+            customer,
+            "outbound",
+            "+31201234567",
+            &format!("+670771234{:02}", i % 100),
+            "end",
+            at_s,
+            duration,
+            None,
+        )
+        .0
     }
 }
 
@@ -889,4 +932,72 @@ fn markers_live_the_dedupe_ttl_and_an_ended_calls_state_only_the_lateness() {
     assert_eq!(bad.validate().unwrap_err().key, "general.dedupe_ttl_s");
     bad.general.dedupe_ttl_s = bad.general.state_ttl_s + 1;
     assert_eq!(bad.validate().unwrap_err().key, "general.dedupe_ttl_s");
+}
+
+/// Two correlator replicas (two engines on one store): replica A claims a
+/// burst's warning and has not confirmed it yet when replica B's events
+/// take the burst to critical. B's escalation is not dropped: it waits
+/// (unsettled) until A's claim is confirmed, then is published; and if A
+/// never confirms, B re-publishes A's alert after the grace period and
+/// still escalates.
+#[tokio::test]
+async fn an_escalation_raised_while_another_replica_claims_the_incident_is_not_lost() {
+    for a_confirms in [true, false] {
+        let mut rules = RulesConfig::default();
+        rules.multi_carrier_burst.critical_calls = 5;
+        let mut r = Rig::new(rules, "");
+        let a = r.engine.clone();
+        let b = r.engine.clone();
+        let burst = |al: &[pb::Alert]| {
+            al.iter()
+                .filter(|x| rule(x) == "multi_carrier_burst")
+                .cloned()
+                .collect::<Vec<_>>()
+        };
+        let at = |i: i64| ten_am(0) + i * 60;
+        // Three calls settle on A with no burst yet.
+        for i in 0..3 {
+            let ev = r.burst_call(i, "kvk:pbx", at(i), 30.0);
+            let p = a.process(&[ev], &[false], 1_000).await.unwrap();
+            assert!(burst(&p.alerts).is_empty(), "{:#?}", p.alerts);
+            a.confirm(p).await.unwrap();
+        }
+        // The fourth: A claims the warning (its publish is in flight).
+        let ev = r.burst_call(3, "kvk:pbx", at(3), 30.0);
+        let claimed = a.process(&[ev], &[false], 2_000).await.unwrap();
+        let opened = burst(&claimed.alerts);
+        assert_eq!(opened.len(), 1, "{:#?}", claimed.alerts);
+        assert_eq!(opened[0].severity, pb::Severity::Warning as i32);
+        // B meanwhile sees the fifth, which makes the burst critical; A's
+        // claim is pending, so B publishes no burst alert yet and keeps the
+        // finding.
+        let ev = r.burst_call(4, "kvk:pbx", at(4), 30.0);
+        let held = b.process(&[ev], &[false], 2_100).await.unwrap();
+        assert!(burst(&held.alerts).is_empty(), "{:#?}", held.alerts);
+        assert_eq!(held.unsettled.len(), 1, "the escalation was dropped");
+        let carried = held.unsettled.clone();
+        b.confirm(held).await.unwrap();
+        let wall = if a_confirms {
+            a.confirm(claimed).await.unwrap();
+            2_200
+        } else {
+            // A is gone; past the grace period its claim is B's to publish.
+            drop(claimed);
+            2_000 + 15_000
+        };
+        let settled = b.settle(carried, wall).await.unwrap();
+        assert!(settled.unsettled.is_empty());
+        let got = burst(&settled.alerts);
+        let kinds: Vec<i32> = got.iter().map(|x| x.kind).collect();
+        let mut want = vec![pb::AlertKind::Escalated as i32];
+        if !a_confirms {
+            want.insert(0, pb::AlertKind::Opened as i32);
+            assert_eq!(got[0], opened[0], "A's alert re-published as claimed");
+        }
+        assert_eq!(kinds, want, "a_confirms {a_confirms}: {got:#?}");
+        let last = got.last().unwrap();
+        assert_eq!(last.severity, pb::Severity::Critical as i32);
+        assert_eq!(last.incident_id, opened[0].incident_id);
+        b.confirm(settled).await.unwrap();
+    }
 }

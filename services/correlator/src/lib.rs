@@ -25,7 +25,7 @@ use tollguard_core::bus::{
 use tollguard_core::codec::decode_event;
 use tollguard_core::error::{BusError, StoreError};
 use tollguard_core::model::CallEvent;
-use tollguard_core::rules::{Engine, Planned};
+use tollguard_core::rules::{Engine, Finding, Planned};
 use tollguard_proto::v1 as pb;
 
 use crate::align::{Aligner, Alignment, Held};
@@ -106,6 +106,10 @@ pub struct Worker {
     /// When this replica's lanes were last merged into the shared table.
     lanes_merged: Option<Instant>,
     aligner: Aligner,
+    /// Findings the last batch left unsettled (another replica's claim on
+    /// their incident in flight, see [`tollguard_core::rules::Processed::unsettled`]): decided
+    /// first by the next batch, or by an idle step.
+    unsettled: Vec<Finding>,
 }
 
 /// How often a replica merges its lanes into the table shared with the
@@ -113,6 +117,10 @@ pub struct Worker {
 /// knows another replica's lanes as of at most this long (plus the other's
 /// own interval) ago. Earlier knowledge is lower, so it only prunes less.
 pub const LANE_MERGE_INTERVAL: Duration = Duration::from_millis(100);
+
+/// How long an idle replica with unsettled findings polls before deciding
+/// them again.
+const UNSETTLED_RETRY: Duration = Duration::from_millis(20);
 
 /// A lane not seen for this long is dropped from the shared table: the
 /// state TTL (all its state has expired by then), and at least twice the
@@ -176,6 +184,7 @@ impl Worker {
             watermarks: Default::default(),
             lanes_merged: None,
             aligner: Aligner::default(),
+            unsettled: Vec::new(),
         }
     }
 
@@ -224,9 +233,16 @@ impl Worker {
             if let Some(e) = self.deferred.take() {
                 return Err(e.into());
             }
+            // Unsettled findings wait for another replica's confirm (a
+            // few milliseconds): poll briefly, then settle them.
+            let timeout = if self.unsettled.is_empty() {
+                timeout
+            } else {
+                timeout.min(UNSETTLED_RETRY)
+            };
             let batch = self.sub.poll(max, timeout).await?;
             if batch.is_empty() && self.aligner.is_empty() {
-                return Ok(StepReport::default());
+                return self.settle().await;
             }
             let p = prepare(
                 &self.engine,
@@ -254,6 +270,7 @@ impl Worker {
             deferred,
             watermarks,
             aligner,
+            unsettled,
             ..
         } = self;
         let (engine, topics): (&Engine, &Topics) = (engine, topics);
@@ -278,7 +295,14 @@ impl Worker {
             128,
         );
         let work = tracing::Instrument::instrument(
-            process(engine, bus.as_ref(), topics, metrics.as_ref(), cur),
+            process(
+                engine,
+                bus.as_ref(),
+                topics,
+                metrics.as_ref(),
+                cur,
+                unsettled,
+            ),
             span,
         );
         let read = async {
@@ -297,7 +321,8 @@ impl Worker {
             }
         };
         let (done, ()) = tokio::join!(work, read);
-        let (report, timing) = done?;
+        let (report, timing, left) = done?;
+        *unsettled = left;
         let t = Instant::now();
         sub.commit(&cur.commit).await?;
         tracing::debug!(
@@ -318,8 +343,36 @@ impl Worker {
             m.duplicates.inc_by(report.duplicates as u64);
             m.late.inc_by(report.late as u64);
             m.held.set(aligner.len() as i64);
+            m.unsettled.set(unsettled.len() as i64);
         }
         queue.pop_front();
+        Ok(report)
+    }
+
+    /// An idle step: decides the findings left unsettled, publishes their
+    /// alerts and confirms them. Cancel-safe like [`Worker::step`]: the
+    /// findings are replaced only once their alerts are confirmed.
+    async fn settle(&mut self) -> Result<StepReport, WorkerError> {
+        if self.unsettled.is_empty() {
+            return Ok(StepReport::default());
+        }
+        let mut processed = self.engine.settle(self.unsettled.clone(), wall()).await?;
+        let report = StepReport {
+            alerts: processed.alerts.len(),
+            ..Default::default()
+        };
+        let (out, spans) =
+            alert_records(&processed.alerts, &[], &self.topics, self.metrics.as_ref());
+        if !out.is_empty() {
+            self.bus.publish(out).await?;
+        }
+        drop(spans);
+        let left = std::mem::take(&mut processed.unsettled);
+        self.engine.confirm(processed).await?;
+        self.unsettled = left;
+        if let Some(m) = self.metrics.as_ref() {
+            m.unsettled.set(self.unsettled.len() as i64);
+        }
         Ok(report)
     }
 
@@ -444,13 +497,16 @@ fn prepare(
 /// Applies a prepared batch: store, rules, incidents, then publishes its
 /// alerts and dead letters and confirms the incidents. Offsets are the
 /// caller's (after this succeeds).
+/// `carried` are the previous batch's unsettled findings (decided first);
+/// returns this batch's.
 async fn process(
     engine: &Engine,
     bus: &dyn EventBus,
     topics: &Topics,
     metrics: Option<&Metrics>,
     batch: &Prepared,
-) -> Result<(StepReport, Timing), WorkerError> {
+    carried: &[Finding],
+) -> Result<(StepReport, Timing, Vec<Finding>), WorkerError> {
     let mut timing = Timing::default();
     let mut report = StepReport {
         records: batch.records.len(),
@@ -459,7 +515,9 @@ async fn process(
     };
     let mut out = batch.dead.clone();
     let started = Instant::now();
-    let processed = engine.run(&batch.events, &batch.planned, wall()).await?;
+    let mut processed = engine
+        .run_with(&batch.events, &batch.planned, carried.to_vec(), wall())
+        .await?;
     if let Some(m) = metrics {
         m.store_seconds.observe(started.elapsed().as_secs_f64());
     }
@@ -468,12 +526,43 @@ async fn process(
     let started = Instant::now();
     report.duplicates = processed.duplicates;
     report.late = processed.late;
-    // One span per alert in the trace of the event that triggered it,
-    // open until the alert is published.
-    let mut alert_spans = Vec::with_capacity(processed.alerts.len());
-    for a in &processed.alerts {
-        let parent = batch
-            .parents
+    let (alerts, alert_spans) = alert_records(&processed.alerts, &batch.parents, topics, metrics);
+    out.extend(alerts);
+    report.alerts = processed.alerts.len();
+    if !out.is_empty() {
+        let span = tracing::info_span!(
+            "publish",
+            otel.name = format!("{} publish", topics.alerts),
+            otel.kind = "producer",
+            messaging.system = "kafka",
+            messaging.operation.type = "send",
+            messaging.destination.name = %topics.alerts,
+            messaging.batch.message_count = out.len(),
+        );
+        tracing::Instrument::instrument(bus.publish(out), span).await?;
+    }
+    drop(alert_spans);
+    timing.publish_us = started.elapsed().as_micros();
+    let started = Instant::now();
+    let unsettled = std::mem::take(&mut processed.unsettled);
+    engine.confirm(processed).await?;
+    timing.confirm_us = started.elapsed().as_micros();
+    Ok((report, timing, unsettled))
+}
+
+/// The alerts' records for the alerts topic, and one span per alert in the
+/// trace of the event that triggered it (`parents`: event key → its
+/// traceparent), to hold open until the alerts are published.
+fn alert_records(
+    alerts: &[pb::Alert],
+    parents: &[(String, Option<Vec<u8>>)],
+    topics: &Topics,
+    metrics: Option<&Metrics>,
+) -> (Vec<OutRecord>, Vec<tracing::Span>) {
+    let mut out = Vec::with_capacity(alerts.len());
+    let mut alert_spans = Vec::with_capacity(alerts.len());
+    for a in alerts {
+        let parent = parents
             .iter()
             .find(|(k, _)| *k == format!("{}/{}", a.trigger_provider_id, a.trigger_event_id))
             .and_then(|(_, p)| p.as_deref());
@@ -514,25 +603,7 @@ async fn process(
             headers,
         });
     }
-    report.alerts = processed.alerts.len();
-    if !out.is_empty() {
-        let span = tracing::info_span!(
-            "publish",
-            otel.name = format!("{} publish", topics.alerts),
-            otel.kind = "producer",
-            messaging.system = "kafka",
-            messaging.operation.type = "send",
-            messaging.destination.name = %topics.alerts,
-            messaging.batch.message_count = out.len(),
-        );
-        tracing::Instrument::instrument(bus.publish(out), span).await?;
-    }
-    drop(alert_spans);
-    timing.publish_us = started.elapsed().as_micros();
-    let started = Instant::now();
-    engine.confirm(processed).await?;
-    timing.confirm_us = started.elapsed().as_micros();
-    Ok((report, timing))
+    (out, alert_spans)
 }
 
 /// Where a batch's time went (the debug log `batch`), microseconds.
@@ -567,7 +638,8 @@ mod tests {
         LaneMark, MemoryStore, Outcome, Scope, StateWrite, Update, WindowStore,
     };
 
-    use super::{Topics, Worker, prepare};
+    use super::{Topics, Worker, prepare, wall};
+    use tollguard_proto::v1 as pb;
 
     pub(crate) fn ingestor(carrier: &str) -> Ingestor {
         Ingestor::new(
@@ -795,5 +867,86 @@ mod tests {
         assert!(cancelled >= 3, "steps were dropped mid-way: {cancelled}");
         assert_eq!(completed, N, "every batch completed exactly once");
         assert_eq!(bus.committed("cor", &topics.calls), N as i64);
+    }
+
+    /// Another replica (engine A on the same store) has claimed a burst's
+    /// warning and not confirmed it when this worker's event makes the
+    /// burst critical: the worker holds the escalation, then publishes it
+    /// from an idle step once A confirms.
+    #[tokio::test]
+    async fn a_held_escalation_is_published_once_the_other_replica_confirms() {
+        use prost::Message;
+        let topics = Topics::default();
+        let bus = Arc::new(MemoryBus::new());
+        let (kpn, bt) = (ingestor("kpn"), ingestor("bt"));
+        let mut rules = RulesConfig::default();
+        rules.multi_carrier_burst.critical_calls = 5;
+        let det = Detector::new(rules, Policies::default(), HotList::default()).unwrap();
+        let store = Arc::new(MemoryStore::new("tg:"));
+        let a = Engine::new(store.clone(), det.clone());
+        let t0 = 1_307_746_020_000;
+        let call = |i: i64| {
+            let (ing, c) = if i % 2 == 0 {
+                (&kpn, "kpn")
+            } else {
+                (&bt, "bt")
+            };
+            let p = ended(ing, c, &format!("e{i}"), "kvk:pbx", t0 + i * 60_000);
+            tollguard_core::codec::decode_event(&p).unwrap()
+        };
+        for i in 0..3 {
+            let p = a.process(&[call(i)], &[false], 1_000).await.unwrap();
+            a.confirm(p).await.unwrap();
+        }
+        let claimed = a.process(&[call(3)], &[false], wall()).await.unwrap();
+        let opened = claimed
+            .alerts
+            .iter()
+            .find(|x| x.rule == pb::Rule::MultiCarrierBurst as i32)
+            .cloned()
+            .expect("A claims the warning");
+        let e4 = call(4);
+        bus.publish(vec![OutRecord {
+            topic: topics.calls.clone(),
+            key: Vec::new(),
+            payload: encode_event(&e4),
+            headers: Vec::new(),
+        }])
+        .await
+        .unwrap();
+        let sub = bus
+            .subscribe(&[topics.calls.as_str()], "cor")
+            .await
+            .unwrap();
+        let mut w = Worker::new(
+            Engine::new(store, det),
+            bus.clone(),
+            sub,
+            topics.clone(),
+            None,
+        );
+        let bursts = || -> Vec<pb::Alert> {
+            bus.records(&topics.alerts)
+                .iter()
+                .map(|r| pb::Alert::decode(r.payload.as_slice()).unwrap())
+                .filter(|x| x.rule == pb::Rule::MultiCarrierBurst as i32)
+                .collect()
+        };
+        let r = w.step(8, Duration::ZERO).await.unwrap();
+        assert_eq!(r.records, 1);
+        assert!(bursts().is_empty(), "A's claim is in flight");
+        assert_eq!(w.unsettled.len(), 1, "the escalation is held, not dropped");
+        // Still in flight: an idle step keeps holding it.
+        w.step(8, Duration::ZERO).await.unwrap();
+        assert!(bursts().is_empty());
+        a.confirm(claimed).await.unwrap();
+        let r = w.step(8, Duration::ZERO).await.unwrap();
+        assert_eq!(r.alerts, 1);
+        let got = bursts();
+        assert_eq!(got.len(), 1, "{got:#?}");
+        assert_eq!(got[0].kind, pb::AlertKind::Escalated as i32);
+        assert_eq!(got[0].severity, pb::Severity::Critical as i32);
+        assert_eq!(got[0].incident_id, opened.incident_id);
+        assert!(w.unsettled.is_empty());
     }
 }

@@ -37,6 +37,8 @@ pub struct Metrics {
     /// The low watermark window state is pruned behind, over every
     /// replica's lanes (event time, Unix seconds).
     pub low_watermark: Gauge,
+    /// Findings waiting for another replica's claim on their incident.
+    pub unsettled: Gauge,
 }
 
 impl Metrics {
@@ -51,11 +53,17 @@ impl Metrics {
             store_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
             held: Gauge::default(),
             low_watermark: Gauge::default(),
+            unsettled: Gauge::default(),
         };
         reg.register(
             "correlator_low_watermark_seconds",
             "Event time (Unix seconds) of the slowest carrier lane over all correlator replicas; window state is pruned only behind it",
             m.low_watermark.clone(),
+        );
+        reg.register(
+            "correlator_unsettled_findings",
+            "Findings waiting for another correlator replica to confirm its claim on their incident (decided once it does, or after the claim's grace period)",
+            m.unsettled.clone(),
         );
         reg.register(
             "correlator_held_events",

@@ -76,6 +76,13 @@ pub struct Processed {
     pub store_us: u128,
     /// Events later than the allowed lateness behind the watermark.
     pub late: usize,
+    /// Findings not settled yet, in order: their incident is claimed by
+    /// another replica that has not confirmed its alert, or other replicas
+    /// kept winning the compare-and-set. Hand them to the next
+    /// [`Engine::run_with`] or [`Engine::settle`] (after this batch is
+    /// confirmed), which decides them first; dropping them would lose, say,
+    /// an escalation raised while another replica's opening is in flight.
+    pub unsettled: Vec<Finding>,
 }
 
 /// Event-time watermarks per input lane: a lane is one carrier's events in
@@ -436,6 +443,18 @@ impl Engine {
         planned: &Planned,
         wall: Millis,
     ) -> Result<Processed, StoreError> {
+        self.run_with(events, planned, Vec::new(), wall).await
+    }
+
+    /// As [`Engine::run`], deciding `carried` (an earlier batch's
+    /// [`Processed::unsettled`] findings) before this batch's.
+    pub async fn run_with(
+        &self,
+        events: &[CallEvent],
+        planned: &Planned,
+        carried: Vec<Finding>,
+        wall: Millis,
+    ) -> Result<Processed, StoreError> {
         if planned.plans.len() != events.len() {
             return Err(StoreError::Protocol(format!(
                 "{} plans for {} events",
@@ -454,7 +473,7 @@ impl Engine {
                 planned.updates.len()
             )));
         }
-        let mut findings = Vec::new();
+        let mut findings = carried;
         let mut duplicates = 0;
         let mut i = 0;
         for ((e, p), &n) in events.iter().zip(&planned.plans).zip(&planned.counts) {
@@ -470,6 +489,16 @@ impl Engine {
         out.late = late;
         out.store_us = store_us;
         Ok(out)
+    }
+
+    /// Decides findings left unsettled by an earlier batch, with no new
+    /// events (an idle step). Confirm the result like any other.
+    pub async fn settle(
+        &self,
+        carried: Vec<Finding>,
+        wall: Millis,
+    ) -> Result<Processed, StoreError> {
+        self.incidents(carried, wall).await
     }
 
     async fn incidents(
@@ -531,9 +560,23 @@ impl Engine {
                     {
                         p.pending = None;
                     }
-                    let Some((next, alert)) = decide(f, prev.as_ref(), &cfg, wall) else {
-                        lane.next();
-                        continue;
+                    let (next, alert, consumes) = match decide(f, prev.as_ref(), &cfg, wall) {
+                        Decision::Nothing => {
+                            lane.next();
+                            continue;
+                        }
+                        Decision::Blocked => {
+                            // Another replica's claim is in flight: this
+                            // key's findings wait for a later batch.
+                            out.unsettled
+                                .extend(lane.queue.drain(..).map(|i| findings[i].clone()));
+                            break;
+                        }
+                        Decision::Write {
+                            next,
+                            alert,
+                            consumes,
+                        } => (next, alert, consumes),
                     };
                     let Some(alert) = alert else {
                         // Only last_seen moved: persist without an alert
@@ -574,6 +617,7 @@ impl Engine {
                             claimed,
                             value,
                             alert,
+                            consumes,
                         },
                     ));
                     break;
@@ -617,6 +661,7 @@ impl Engine {
                         claimed,
                         value,
                         alert,
+                        consumes,
                     } => {
                         if ok {
                             let mut confirmed = claimed;
@@ -633,14 +678,23 @@ impl Engine {
                             own.insert(key.clone());
                             let fi = lane.queue.front().copied().unwrap_or_default();
                             alerts.push((fi, alert));
-                            lane.next();
+                            if consumes {
+                                lane.next();
+                            } else {
+                                // A stale claim re-published: the finding
+                                // itself is decided next round.
+                                lane.attempt = 0;
+                            }
                         } else {
                             // Another replica changed it: reload and decide
-                            // again (up to three attempts per finding).
+                            // again; after three attempts the key's
+                            // findings wait for a later batch.
                             reload.push(l);
                             lane.attempt += 1;
                             if lane.attempt == CLAIM_ATTEMPTS {
-                                lane.next();
+                                out.unsettled
+                                    .extend(lane.queue.drain(..).map(|i| findings[i].clone()));
+                                lane.attempt = 0;
                             }
                         }
                     }
@@ -704,27 +758,54 @@ impl Lane {
 enum Step {
     /// Persist the state without an alert.
     Touch { next: IncidentState, value: String },
-    /// Claim the incident for `alert`.
+    /// Claim the incident for `alert`; `consumes`: the finding is done
+    /// once it is claimed.
     Claim {
         claimed: IncidentState,
         value: String,
         alert: pb::Alert,
+        consumes: bool,
     },
+}
+
+/// What a finding does to its incident ([`decide`]).
+#[derive(Debug)]
+enum Decision {
+    /// Nothing changes.
+    Nothing,
+    /// Another replica's claim is in flight: decide it later.
+    Blocked,
+    /// Write `next`: silently (no `alert`) or claiming it for `alert`.
+    /// `consumes` is false when the alert re-publishes a stale claim and
+    /// the finding itself is still to be decided.
+    Write {
+        next: IncidentState,
+        alert: Option<pb::Alert>,
+        consumes: bool,
+    },
+}
+
+impl Decision {
+    fn write(next: IncidentState, alert: Option<pb::Alert>) -> Self {
+        Self::Write {
+            next,
+            alert,
+            consumes: true,
+        }
+    }
 }
 
 fn ttl(cfg: &crate::rules::config::Incidents) -> i64 {
     (cfg.quiet_close_s as i64 * 1000) * 2
 }
 
-/// Decides what a finding does to its incident: `None` if nothing changes;
-/// `Some((state, None))` to persist state silently; `Some((state,
-/// Some(alert)))` to claim and publish.
+/// Decides what a finding does to its incident.
 fn decide(
     f: &Finding,
     prev: Option<&IncidentState>,
     cfg: &crate::rules::config::Incidents,
     wall: Millis,
-) -> Option<(IncidentState, Option<pb::Alert>)> {
+) -> Decision {
     let quiet = cfg.quiet_close_s as i64 * 1000;
     if let Some(p) = prev
         && let Some(hexed) = &p.pending
@@ -732,21 +813,29 @@ fn decide(
         // A claim that was never confirmed. Re-publish the identical alert
         // when this is the claiming event itself coming back (the claimer
         // crashed before committing its offset), or when the claim is older
-        // than the grace period (its replica is gone); otherwise another
-        // replica is about to publish it.
-        let alert = hex::decode(hexed)
+        // than the grace period (its replica is gone; this finding is then
+        // decided against the republished state); otherwise another replica
+        // is about to publish it, and this finding waits.
+        let Some(alert) = hex::decode(hexed)
             .ok()
-            .and_then(|b| pb::Alert::decode(b.as_slice()).ok())?;
+            .and_then(|b| pb::Alert::decode(b.as_slice()).ok())
+        else {
+            return Decision::Nothing;
+        };
         let own = alert.trigger_provider_id == f.trigger.0 && alert.trigger_event_id == f.trigger.1;
         if own || wall - p.claimed_wall >= PENDING_GRACE_MS {
             let mut st = p.clone();
             st.pending = None;
-            return Some((st, Some(alert)));
+            return Decision::Write {
+                next: st,
+                alert: Some(alert),
+                consumes: own,
+            };
         }
-        return None;
+        return Decision::Blocked;
     }
     match prev {
-        Some(p) if p.pending.is_some() => None,
+        Some(p) if p.pending.is_some() => Decision::Nothing,
         Some(p) if f.at - p.last_seen <= quiet => {
             let mut st = p.clone();
             st.last_seen = st.last_seen.max(f.at);
@@ -760,7 +849,7 @@ fn decide(
                 st.last_magnitude = f.magnitude;
                 st.providers = providers;
                 let a = build_alert(f, &st, pb::AlertKind::Escalated, wall);
-                return Some((st, Some(a)));
+                return Decision::write(st, Some(a));
             }
             let grown = f.magnitude as f64 >= p.last_magnitude as f64 * (1.0 + cfg.update_growth)
                 && f.magnitude > p.last_magnitude;
@@ -771,13 +860,13 @@ fn decide(
                 st.last_magnitude = f.magnitude;
                 st.providers = providers;
                 let a = build_alert(f, &st, pb::AlertKind::Updated, wall);
-                return Some((st, Some(a)));
+                return Decision::write(st, Some(a));
             }
             // Persist last_seen at most once a minute of event time.
             if f.at - p.last_seen >= 60_000 {
-                Some((st, None))
+                Decision::write(st, None)
             } else {
-                None
+                Decision::Nothing
             }
         }
         _ => {
@@ -798,7 +887,7 @@ fn decide(
                 claimed_wall: wall,
             };
             let a = build_alert(f, &st, pb::AlertKind::Opened, wall);
-            Some((st, Some(a)))
+            Decision::write(st, Some(a))
         }
     }
 }
