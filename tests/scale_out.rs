@@ -53,15 +53,14 @@ async fn three_correlators(freeze: Option<Duration>) {
     let dir = tempfile::tempdir().unwrap();
     let (files, n) = scenario(dir.path());
     let stack = Stack::start_ingesters(dir.path()).await;
-    if freeze.is_some() {
-        // The calls topic exists before the replicas join, so the group
-        // assigns its partitions before anything is sent (else the first
-        // publish creates it).
-        let bus = KafkaBus::new(KafkaSettings::new(kafka())).unwrap();
-        bus.ensure_topics(&[(stack.calls.as_str(), 6, &[])])
-            .await
-            .unwrap();
-    }
+    // The calls topic exists before the replicas join, so the group
+    // assigns its partitions before anything is sent (else the first
+    // publish creates it, and a replica that joins late may find the
+    // traffic already processed).
+    let bus = KafkaBus::new(KafkaSettings::new(kafka())).unwrap();
+    bus.ensure_topics(&[(stack.calls.as_str(), 6, &[])])
+        .await
+        .unwrap();
     let cluster = cluster_env();
     let mut replicas = Vec::new();
     let mut ports = Vec::new();
@@ -74,22 +73,22 @@ async fn three_correlators(freeze: Option<Duration>) {
         );
         ports.push(http);
     }
+    // Every replica must take part (and the frozen ones own partitions):
+    // wait until the group has given each replica some.
+    wait_for(
+        "every replica to be assigned partitions",
+        Duration::from_secs(60),
+        || {
+            let logs: Vec<String> = replicas.iter().map(|r| r.log_text()).collect();
+            async move {
+                logs.iter()
+                    .all(|l| l.contains("kafka partitions assigned"))
+                    .then_some(())
+            }
+        },
+    )
+    .await;
     let thaw = if let Some(pause) = freeze {
-        // The frozen replicas must own partitions: wait until the group
-        // has given each replica some.
-        wait_for(
-            "every replica to be assigned partitions",
-            Duration::from_secs(60),
-            || {
-                let logs: Vec<String> = replicas.iter().map(|r| r.log_text()).collect();
-                async move {
-                    logs.iter()
-                        .all(|l| l.contains("kafka partitions assigned"))
-                        .then_some(())
-                }
-            },
-        )
-        .await;
         tokio::time::sleep(Duration::from_secs(2)).await;
         let pids: Vec<String> = replicas[1..]
             .iter()
