@@ -363,9 +363,7 @@ impl Worker {
         };
         let (out, spans) =
             alert_records(&processed.alerts, &[], &self.topics, self.metrics.as_ref());
-        if !out.is_empty() {
-            self.bus.publish(out).await?;
-        }
+        publish(self.bus.as_ref(), &self.topics, out).await?;
         drop(spans);
         let left = std::mem::take(&mut processed.unsettled);
         self.engine.confirm(processed).await?;
@@ -529,18 +527,7 @@ async fn process(
     let (alerts, alert_spans) = alert_records(&processed.alerts, &batch.parents, topics, metrics);
     out.extend(alerts);
     report.alerts = processed.alerts.len();
-    if !out.is_empty() {
-        let span = tracing::info_span!(
-            "publish",
-            otel.name = format!("{} publish", topics.alerts),
-            otel.kind = "producer",
-            messaging.system = "kafka",
-            messaging.operation.type = "send",
-            messaging.destination.name = %topics.alerts,
-            messaging.batch.message_count = out.len(),
-        );
-        tracing::Instrument::instrument(bus.publish(out), span).await?;
-    }
+    publish(bus, topics, out).await?;
     drop(alert_spans);
     timing.publish_us = started.elapsed().as_micros();
     let started = Instant::now();
@@ -548,6 +535,23 @@ async fn process(
     engine.confirm(processed).await?;
     timing.confirm_us = started.elapsed().as_micros();
     Ok((report, timing, unsettled))
+}
+
+/// Publishes a step's alerts and dead letters (if any) in a producer span.
+async fn publish(bus: &dyn EventBus, topics: &Topics, out: Vec<OutRecord>) -> Result<(), BusError> {
+    if out.is_empty() {
+        return Ok(());
+    }
+    let span = tracing::info_span!(
+        "publish",
+        otel.name = format!("{} publish", topics.alerts),
+        otel.kind = "producer",
+        messaging.system = "kafka",
+        messaging.operation.type = "send",
+        messaging.destination.name = %topics.alerts,
+        messaging.batch.message_count = out.len(),
+    );
+    tracing::Instrument::instrument(bus.publish(out), span).await
 }
 
 /// The alerts' records for the alerts topic, and one span per alert in the

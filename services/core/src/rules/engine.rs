@@ -566,10 +566,8 @@ impl Engine {
                             continue;
                         }
                         Decision::Blocked => {
-                            // Another replica's claim is in flight: this
-                            // key's findings wait for a later batch.
-                            out.unsettled
-                                .extend(lane.queue.drain(..).map(|i| findings[i].clone()));
+                            // Another replica's claim is in flight.
+                            lane.defer(&findings, &mut out.unsettled);
                             break;
                         }
                         Decision::Write {
@@ -692,9 +690,7 @@ impl Engine {
                             reload.push(l);
                             lane.attempt += 1;
                             if lane.attempt == CLAIM_ATTEMPTS {
-                                out.unsettled
-                                    .extend(lane.queue.drain(..).map(|i| findings[i].clone()));
-                                lane.attempt = 0;
+                                lane.defer(&findings, &mut out.unsettled);
                             }
                         }
                     }
@@ -749,6 +745,13 @@ impl Lane {
     /// On to the next finding.
     fn next(&mut self) {
         self.queue.pop_front();
+        self.attempt = 0;
+    }
+
+    /// Moves the findings still to decide, in order, to `unsettled`: they
+    /// wait for a later batch.
+    fn defer(&mut self, findings: &[Finding], unsettled: &mut Vec<Finding>) {
+        unsettled.extend(self.queue.drain(..).map(|i| findings[i].clone()));
         self.attempt = 0;
     }
 }
