@@ -946,7 +946,7 @@ async fn a_redis_cluster_primary_killed_under_load_fails_over_to_its_replica() {
     // under test here (alignment: tests/eval_send.rs).
     let mut env = cluster.correlator_env();
     env.push(("TOLLGUARD__ALIGNMENT__ENABLED".into(), "false".into()));
-    let _c = stack.spawn_correlator("correlator", http, &env).await;
+    let c = stack.spawn_correlator("correlator", http, &env).await;
     let (tasks, _) = send_everything(
         &stack,
         &files,
@@ -1008,7 +1008,8 @@ async fn a_redis_cluster_primary_killed_under_load_fails_over_to_its_replica() {
         }
         assert!(
             down.elapsed() < Duration::from_secs(60),
-            "no recovery within 60 s of the kill: ready={ready:?} promoted={promoted_after:?} events {events_before}->{events}"
+            "no recovery within 60 s of the kill: ready={ready:?} promoted={promoted_after:?} events {events_before}->{events}\n{}",
+            c.log_tail(60)
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     };

@@ -133,14 +133,94 @@ const NOSCRIPT_RELOADS: usize = 2;
 #[derive(Clone)]
 enum Conn {
     Single(ConnectionManager),
-    Cluster(ClusterConnection),
+    Cluster(Arc<Cluster>),
+}
+
+/// Least time between two rebuilds of a cluster connection.
+const CLUSTER_REBUILD_EVERY: Duration = Duration::from_secs(5);
+
+/// Bound of one rebuild (the client's own connect has none over its
+/// topology discovery).
+const CLUSTER_REBUILD_WITHIN: Duration = Duration::from_secs(15);
+
+/// A cluster connection that is rebuilt from the seed nodes when a call on
+/// it times out. The client recovers from `MOVED` and refused connections
+/// by itself, but after a primary is killed under load its connection can
+/// wedge: every later call, to every slot, times out, also after the
+/// replica is promoted (redis 0.32, seen about one failover in ten here). A
+/// fresh connection reads the topology again and serves at once.
+struct Cluster {
+    client: redis::cluster::ClusterClient,
+    /// The connection in use and its generation (counts rebuilds).
+    current: std::sync::RwLock<(u64, ClusterConnection)>,
+    /// Serialises rebuilds; holds when the last one started.
+    rebuilt: tokio::sync::Mutex<Option<std::time::Instant>>,
+}
+
+impl Cluster {
+    async fn connect(client: redis::cluster::ClusterClient) -> Result<Self, RedisError> {
+        let conn = client.get_async_connection().await?;
+        Ok(Self {
+            client,
+            current: std::sync::RwLock::new((0, conn)),
+            rebuilt: tokio::sync::Mutex::new(None),
+        })
+    }
+
+    /// The connection in use and its generation.
+    fn get(&self) -> (u64, ClusterConnection) {
+        let g = self.current.read().unwrap_or_else(|p| p.into_inner());
+        (g.0, g.1.clone())
+    }
+
+    /// After a call on generation `failed` met `e`: on a timeout, replaces
+    /// the connection with a fresh one, unless another call already did or
+    /// the last rebuild is under [`CLUSTER_REBUILD_EVERY`] old. A failed
+    /// rebuild keeps the connection in use.
+    async fn heal(&self, failed: u64, e: &RedisError) {
+        if !e.is_timeout() {
+            return;
+        }
+        let mut last = self.rebuilt.lock().await;
+        if self.get().0 != failed || last.is_some_and(|t| t.elapsed() < CLUSTER_REBUILD_EVERY) {
+            return;
+        }
+        *last = Some(std::time::Instant::now());
+        match tokio::time::timeout(CLUSTER_REBUILD_WITHIN, self.client.get_async_connection()).await
+        {
+            Ok(Ok(conn)) => {
+                let mut g = self.current.write().unwrap_or_else(|p| p.into_inner());
+                *g = (failed + 1, conn);
+                tracing::warn!(
+                    error = %e,
+                    generation = failed + 1,
+                    "redis cluster call timed out; connection rebuilt from the seed nodes"
+                );
+            }
+            Ok(Err(re)) => {
+                tracing::warn!(error = %e, rebuild = %re, "redis cluster call timed out; rebuilding the connection failed, keeping it")
+            }
+            Err(_) => tracing::warn!(
+                error = %e,
+                within = ?CLUSTER_REBUILD_WITHIN,
+                "redis cluster call timed out; rebuilding the connection timed out, keeping it"
+            ),
+        }
+    }
 }
 
 impl ConnectionLike for Conn {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         match self {
             Conn::Single(c) => c.req_packed_command(cmd),
-            Conn::Cluster(c) => c.req_packed_command(cmd),
+            Conn::Cluster(h) => Box::pin(async move {
+                let (generation, mut c) = h.get();
+                let r = c.req_packed_command(cmd).await;
+                if let Err(e) = &r {
+                    h.heal(generation, e).await;
+                }
+                r
+            }),
         }
     }
 
@@ -152,14 +232,21 @@ impl ConnectionLike for Conn {
     ) -> RedisFuture<'a, Vec<Value>> {
         match self {
             Conn::Single(c) => c.req_packed_commands(cmd, offset, count),
-            Conn::Cluster(c) => c.req_packed_commands(cmd, offset, count),
+            Conn::Cluster(h) => Box::pin(async move {
+                let (generation, mut c) = h.get();
+                let r = c.req_packed_commands(cmd, offset, count).await;
+                if let Err(e) = &r {
+                    h.heal(generation, e).await;
+                }
+                r
+            }),
         }
     }
 
     fn get_db(&self) -> i64 {
         match self {
             Conn::Single(c) => c.get_db(),
-            Conn::Cluster(c) => c.get_db(),
+            Conn::Cluster(h) => h.get().1.get_db(),
         }
     }
 }
@@ -193,9 +280,9 @@ async fn raw_calls(
             let raw = c.req_packed_commands(&pipe, 0, n).await?;
             Ok(raw.into_iter().map(Value::extract_error).collect())
         }
-        Conn::Cluster(c) => {
+        Conn::Cluster(h) => {
             let all = groups.into_iter().flatten().map(|cmd| {
-                let mut c = c.clone();
+                let mut c = Conn::Cluster(h.clone());
                 async move {
                     match c.req_packed_command(&cmd).await {
                         Ok(v) => Ok(v.extract_error()),
@@ -322,8 +409,8 @@ impl RedisStore {
             builder = builder.certs(t.0.clone());
         }
         let client = builder.build().map_err(store_err)?;
-        let conn = client.get_async_connection().await.map_err(store_err)?;
-        Self::init(Conn::Cluster(conn), prefix).await
+        let conn = Cluster::connect(client).await.map_err(store_err)?;
+        Self::init(Conn::Cluster(Arc::new(conn)), prefix).await
     }
 
     async fn init(conn: Conn, prefix: &str) -> Result<Self, StoreError> {
