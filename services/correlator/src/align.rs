@@ -129,6 +129,12 @@ pub struct Aligner {
     /// was idle. Lanes show up one by one, so for `idle_ms` after it
     /// nothing is released on the lanes' progress alone.
     started: Millis,
+    /// Every held event at or before this event time was held
+    /// `max_hold_ms` (or is before one that was): it goes, in the next
+    /// releases if one release's limit stops short of it.
+    overdue: Millis,
+    /// The last release stopped at its limit with more events ready.
+    backlog: bool,
 }
 
 impl Aligner {
@@ -148,6 +154,13 @@ impl Aligner {
     /// True when nothing is held.
     pub fn is_empty(&self) -> bool {
         self.held.is_empty()
+    }
+
+    /// True when the last [`Self::release`] stopped at its limit with more
+    /// events ready to go: the caller should release again without waiting
+    /// for new records.
+    pub fn backlogged(&self) -> bool {
+        self.backlog && !self.held.is_empty()
     }
 
     /// Records that record `r` was polled (decoded or not: a dead letter's
@@ -218,8 +231,14 @@ impl Aligner {
         }
     }
 
-    /// The events that may go at wall time `now`, in event-time order.
-    pub fn release(&mut self, now: Millis) -> Vec<Held> {
+    /// The events that may go at wall time `now`, in event-time order: at
+    /// most `limit` historical ones (live events always go). A replay's
+    /// warm-up can make tens of thousands ready at once; released whole,
+    /// they would be planned and applied as one batch whose updates, store
+    /// pipeline and outcomes cost several KB per event. The rest stay held
+    /// (in order, still counted in [`Self::len`]) and [`Self::backlogged`]
+    /// says so.
+    pub fn release(&mut self, now: Millis, limit: usize) -> Vec<Held> {
         let Some(cfg) = self.cfg else {
             return std::mem::take(&mut self.held).into_values().collect();
         };
@@ -240,20 +259,27 @@ impl Aligner {
             if !self.held.contains_key(&key) {
                 self.arrivals.pop_front();
             } else if now - since >= cfg.max_hold_ms {
-                cut = cut.max(key.0);
+                self.overdue = self.overdue.max(key.0);
                 self.arrivals.pop_front();
             } else {
                 break;
             }
         }
+        let cut = cut.max(self.overdue);
         let mut out: Vec<Held> = Vec::new();
+        self.backlog = false;
         loop {
             let over = self.held.len() > cfg.max_events;
             let Some(entry) = self.held.first_entry() else {
                 break;
             };
             let (t, _) = *entry.key();
-            if t <= cut || now - t < cfg.live_window_ms || over {
+            let live = now - t < cfg.live_window_ms;
+            if t <= cut || live || over {
+                if out.len() >= limit && !live {
+                    self.backlog = true;
+                    break;
+                }
                 out.push(entry.remove());
             } else {
                 break;
@@ -313,6 +339,8 @@ mod tests {
 
     const T0: Millis = 1_307_746_020_000; // 2011: historical
     const MIN: Millis = 60_000;
+    /// No release limit.
+    const ALL: usize = usize::MAX;
     /// The wall clock of the tests (historical events are years behind it).
     const WALL: Millis = 1_800_000_000_000;
 
@@ -382,11 +410,11 @@ mod tests {
             WALL,
         );
         // Warming up: nothing yet, whatever the lanes say.
-        assert!(a.release(WALL + 1_000).is_empty());
+        assert!(a.release(WALL + 1_000, ALL).is_empty());
         // kpn keeps sending; bt's file is done (its lane goes idle but its
         // events wait for kpn's).
         feed(&mut a, &[("kpn", 3, 0, 4)], WALL + 1_900);
-        let out = a.release(WALL + 2_000);
+        let out = a.release(WALL + 2_000, ALL);
         assert_eq!(ids(&out), [id("kpn", 1), id("kpn", 2), id("kpn", 3)]);
         assert_eq!(a.len(), 2);
         // bt's minute 10 (offset 0) is held: nothing of partition 0 is
@@ -394,7 +422,10 @@ mod tests {
         assert!(a.commit_positions().is_empty());
         // kpn catches up to minute 11: bt's 10 goes, its 12 stays.
         feed(&mut a, &[("kpn", 11, 0, 5)], WALL + 2_500);
-        assert_eq!(ids(&a.release(WALL + 2_500)), [id("bt", 10), id("kpn", 11)]);
+        assert_eq!(
+            ids(&a.release(WALL + 2_500, ALL)),
+            [id("bt", 10), id("kpn", 11)]
+        );
         let c = a.commit_positions();
         assert_eq!(
             (c[0].partition, c[0].offset),
@@ -402,8 +433,8 @@ mod tests {
             "below bt's 12 (offset 1)"
         );
         // kpn goes quiet: after idle_ms it no longer holds bt back.
-        assert!(a.release(WALL + 4_000).is_empty());
-        assert_eq!(ids(&a.release(WALL + 4_600)), [id("bt", 12)]);
+        assert!(a.release(WALL + 4_000, ALL).is_empty());
+        assert_eq!(ids(&a.release(WALL + 4_600, ALL)), [id("bt", 12)]);
         assert!(a.is_empty());
         let c = a.commit_positions();
         assert_eq!((c[0].partition, c[0].offset), (0, 5), "everything polled");
@@ -420,14 +451,14 @@ mod tests {
             WALL,
         );
         feed(&mut a, &[("kpn", 10, 0, 2), ("kpn", 4, 1, 1)], WALL + 1_900);
-        let out = a.release(WALL + 2_000);
+        let out = a.release(WALL + 2_000, ALL);
         assert_eq!(
             ids(&out),
             [id("kpn", 3), id("kpn", 4)],
             "partition 1 is at minute 4"
         );
         feed(&mut a, &[("kpn", 9, 1, 2)], WALL + 2_100);
-        let out = a.release(WALL + 2_100);
+        let out = a.release(WALL + 2_100, ALL);
         assert_eq!(ids(&out), [id("kpn", 5), id("kpn", 9), id("kpn", 9)]);
     }
 
@@ -438,18 +469,18 @@ mod tests {
         let mut a = Aligner::new(Some(cfg()));
         // A live event (event time = wall clock) passes during warm-up.
         push(&mut a, ev("kpn", WALL - 5_000, 0, 0), WALL);
-        assert_eq!(a.release(WALL).len(), 1);
+        assert_eq!(a.release(WALL, ALL).len(), 1);
 
         let mut a = Aligner::new(Some(cfg()));
         feed(&mut a, &[("bt", 50, 0, 0), ("kpn", 1, 1, 0)], WALL);
         // kpn keeps sending (stays active) but never reaches minute 50.
         for s in 1..60 {
             feed(&mut a, &[("kpn", 1, 1, s)], WALL + s * 1_000);
-            let out = a.release(WALL + s * 1_000);
+            let out = a.release(WALL + s * 1_000, ALL);
             assert!(!ids(&out).contains(&id("bt", 50)), "held at {s} s");
         }
         feed(&mut a, &[("kpn", 1, 1, 60)], WALL + 60_000);
-        let out = a.release(WALL + 60_000);
+        let out = a.release(WALL + 60_000, ALL);
         assert!(ids(&out).contains(&id("bt", 50)), "max_hold_ms passed");
 
         let mut a = Aligner::new(Some(Alignment {
@@ -466,8 +497,52 @@ mod tests {
             ],
             WALL,
         );
-        assert_eq!(ids(&a.release(WALL + 100)), [id("kpn", 1), id("bt", 20)]);
+        assert_eq!(
+            ids(&a.release(WALL + 100, ALL)),
+            [id("kpn", 1), id("bt", 20)]
+        );
         assert_eq!(a.len(), 2);
+    }
+
+    /// A release gives at most its limit of historical events, earliest
+    /// first, and says more are ready; the rest go in later releases, the
+    /// ones held too long included (their arrival entries are gone by
+    /// then); live events are never limited.
+    #[test]
+    fn a_release_is_limited_and_the_rest_follow_in_order() {
+        let mut a = Aligner::new(Some(cfg()));
+        let events: Vec<(&str, Millis, i32, i64)> =
+            (0..10).map(|i| ("kpn", 10 - i, 0, i)).collect();
+        feed(&mut a, &events, WALL);
+        feed(&mut a, &[("bt", 1, 1, 0)], WALL);
+        // Warming up: nothing is ready, nothing is backlogged.
+        assert!(a.release(WALL + 100, 3).is_empty());
+        assert!(!a.backlogged());
+        // Held too long (bt never reaches kpn's minutes): all are overdue.
+        let late = WALL + 60_000;
+        push(&mut a, ev("kpn", late - 1_000, 0, 10), late);
+        let out = a.release(late, 3);
+        assert_eq!(
+            ids(&out),
+            [
+                id("kpn", 1),
+                id("bt", 1),
+                id("kpn", 2),
+                format!("kpn-{}", late - 1_000)
+            ],
+            "three historical (ties by partition), the live one too"
+        );
+        assert!(a.backlogged());
+        let mut rest = Vec::new();
+        while a.backlogged() {
+            let out = a.release(late + 1, 3);
+            assert!(out.len() <= 3);
+            rest.extend(ids(&out));
+        }
+        let want: Vec<String> = (3..=10).map(|m| id("kpn", m)).collect();
+        assert_eq!(rest, want, "the overdue rest, in event-time order");
+        assert!(a.is_empty());
+        assert_eq!(a.commit_positions()[0].offset, 10, "everything polled");
     }
 
     /// One event held long (its lane raced ahead) does not let the
@@ -478,7 +553,7 @@ mod tests {
         feed(&mut a, &[("bt", 100_000, 0, 0)], WALL);
         for i in 1..5_000 {
             feed(&mut a, &[("kpn", i, 1, i)], WALL + 2_000 + i);
-            a.release(WALL + 2_000 + i);
+            a.release(WALL + 2_000 + i, ALL);
         }
         assert_eq!(a.len(), 1, "only bt's event is held");
         assert!(
@@ -498,7 +573,7 @@ mod tests {
             WALL,
         );
         assert_eq!(
-            ids(&a.release(WALL)),
+            ids(&a.release(WALL, ALL)),
             [id("kpn", 2), id("bt", 5), id("bt", 9)]
         );
         assert!(a.is_empty());

@@ -235,7 +235,10 @@ impl Worker {
             }
             // Unsettled findings wait for another replica's confirm (a
             // few milliseconds): poll briefly, then settle them.
-            let timeout = if self.unsettled.is_empty() {
+            let timeout = if self.aligner.backlogged() {
+                // Held events are ready to go: no waiting for new ones.
+                Duration::ZERO
+            } else if self.unsettled.is_empty() {
                 timeout
             } else {
                 timeout.min(UNSETTLED_RETRY)
@@ -250,6 +253,7 @@ impl Worker {
                 &mut self.aligner,
                 &self.topics,
                 batch,
+                max,
             );
             if p.records.is_empty() && p.events.is_empty() {
                 return Ok(StepReport::default());
@@ -311,10 +315,10 @@ impl Worker {
             }
             // Only what is already fetched: never delay this batch.
             match sub.poll(max, Duration::ZERO).await {
-                Ok(batch) if batch.is_empty() => {}
+                Ok(batch) if batch.is_empty() && !aligner.backlogged() => {}
                 Ok(batch) => {
                     let t = Instant::now();
-                    *ahead = Some(prepare(engine, watermarks, aligner, topics, batch));
+                    *ahead = Some(prepare(engine, watermarks, aligner, topics, batch, max));
                     prepare_us = t.elapsed().as_micros();
                 }
                 Err(e) => *deferred = Some(e),
@@ -424,13 +428,16 @@ impl Worker {
 /// closed by one carrier's event already holds the other carriers' earlier
 /// events of the same batch; with alignment on, of earlier batches too.
 /// Lateness is still judged in each lane's arrival order, and the commit
-/// positions stop below any event still held.
+/// positions stop below any event still held. At most twice `max` held
+/// events are released (a backlog drains by one batch per step while new
+/// batches of up to `max` arrive).
 fn prepare(
     engine: &Engine,
     watermarks: &mut tollguard_core::rules::Watermarks,
     aligner: &mut Aligner,
     topics: &Topics,
     mut records: Vec<InRecord>,
+    max: usize,
 ) -> Prepared {
     let lateness = engine.detector().config().general.allowed_lateness_s as i64 * 1000;
     let mut dead = Vec::new();
@@ -464,7 +471,7 @@ fn prepare(
             }
         }
     }
-    let released = aligner.release(now);
+    let released = aligner.release(now, max.saturating_mul(2).max(1));
     let mut events = Vec::with_capacity(released.len());
     let mut late = Vec::with_capacity(released.len());
     let mut parents = Vec::with_capacity(released.len());
@@ -768,6 +775,7 @@ mod tests {
             &mut super::Aligner::default(),
             &Topics::default(),
             records,
+            usize::MAX,
         );
         let ids: Vec<&str> = p.events.iter().map(|e| e.event_id.as_str()).collect();
         assert_eq!(ids, ["k0", "b1", "b2", "k1", "k2"], "event-time order");
