@@ -97,6 +97,15 @@ pub trait Subscription: Send + fmt::Debug {
     /// Marks `records` (and everything before them in their partitions) as
     /// processed; only then can the group's position move past them.
     async fn commit(&mut self, records: &[InRecord]) -> Result<(), BusError>;
+    /// Stops fetching from these partitions of `topic` and resumes every
+    /// other partition of it paused before (flow control: records already
+    /// fetched from a partition being paused may still be returned).
+    /// Partitions this member does not own are ignored. The default (a
+    /// bus without independent partitions) fetches everything.
+    async fn pause_only(&mut self, topic: &str, partitions: &[i32]) -> Result<(), BusError> {
+        let _ = (topic, partitions);
+        Ok(())
+    }
     /// Flushes committed positions and leaves the group (graceful shutdown).
     async fn close(&mut self) -> Result<(), BusError> {
         Ok(())

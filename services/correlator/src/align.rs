@@ -19,7 +19,16 @@
 //!   as before);
 //! - **a carrier that goes quiet stops holding the others** after `idle_ms`;
 //! - **nothing waits longer than `max_hold_ms`**, and at most `max_events`
-//!   are held (the earliest go first).
+//!   are held (the earliest go first);
+//! - **flow control before that bound**: from half of `max_events` held,
+//!   [`Aligner::paused`] names the partitions whose every lane is ahead of
+//!   the slowest one, for the consumer to stop fetching until the slowest
+//!   has caught up (or the hold is down to a quarter). Partitions are
+//!   fetched independently, so one of them can trail the others by days
+//!   of event time in an unpaced replay; pausing the ones ahead keeps the
+//!   merge in order where releasing the earliest at the bound would not.
+//!   A paused partition's lanes still count as active (they are not
+//!   quiet, only not fetched).
 //!
 //! Offsets: a held event is not processed, so its partition's committed
 //! position stays below it ([`Aligner::commit_positions`]); a crash or a
@@ -135,6 +144,8 @@ pub struct Aligner {
     overdue: Millis,
     /// The last release stopped at its limit with more events ready.
     backlog: bool,
+    /// Partitions [`Self::paused`] last asked to stop fetching.
+    paused: Vec<i32>,
 }
 
 impl Aligner {
@@ -196,7 +207,12 @@ impl Aligner {
             self.held.insert(key, h);
             return;
         };
-        if self.lanes.iter().all(|l| now - l.heard >= cfg.idle_ms) {
+        let paused = &self.paused;
+        if self
+            .lanes
+            .iter()
+            .all(|l| now - l.heard >= cfg.idle_ms && !paused.contains(&l.partition))
+        {
             self.started = now;
         }
         let carrier = e.provider_id.as_str();
@@ -243,10 +259,11 @@ impl Aligner {
             return std::mem::take(&mut self.held).into_values().collect();
         };
         // Every held event at or before the slowest active lane.
+        let paused = &self.paused;
         let mut cut = self
             .lanes
             .iter()
-            .filter(|l| now - l.heard < cfg.idle_ms)
+            .filter(|l| now - l.heard < cfg.idle_ms || paused.contains(&l.partition))
             .map(|l| l.time)
             .min()
             .unwrap_or(Millis::MAX);
@@ -294,6 +311,53 @@ impl Aligner {
             .collect();
         out.extend(live.iter().filter_map(|k| self.held.remove(k)));
         self.unhold(out)
+    }
+
+    /// The partitions the consumer should not fetch from at wall time `now`
+    /// (sorted; empty unless half of `max_events` are held): every
+    /// partition whose slowest active lane is ahead of the slowest active
+    /// lane of all. Pausing starts at half of `max_events` held and stops
+    /// at a quarter; in between the set follows the slowest lane. A
+    /// partition leaving the set has its lanes marked heard now: fetching
+    /// resumes, and its next events must not find the others released
+    /// past it meanwhile.
+    pub fn paused(&mut self, now: Millis) -> &[i32] {
+        let Some(cfg) = self.cfg else {
+            return &[];
+        };
+        let held = self.held.len();
+        let pausing = if self.paused.is_empty() {
+            held >= (cfg.max_events / 2).max(1)
+        } else {
+            held > cfg.max_events / 4
+        };
+        let mut next = Vec::new();
+        if pausing {
+            let paused = &self.paused;
+            let active = |l: &&Lane| now - l.heard < cfg.idle_ms || paused.contains(&l.partition);
+            let mut slowest: Vec<(i32, Millis)> = Vec::new();
+            for l in self.lanes.iter().filter(active) {
+                match slowest.iter_mut().find(|(p, _)| *p == l.partition) {
+                    Some((_, t)) => *t = (*t).min(l.time),
+                    None => slowest.push((l.partition, l.time)),
+                }
+            }
+            if let Some(cut) = slowest.iter().map(|&(_, t)| t).min() {
+                next = slowest
+                    .iter()
+                    .filter(|&&(_, t)| t > cut)
+                    .map(|&(p, _)| p)
+                    .collect();
+                next.sort_unstable();
+            }
+        }
+        for l in &mut self.lanes {
+            if self.paused.contains(&l.partition) && !next.contains(&l.partition) {
+                l.heard = now;
+            }
+        }
+        self.paused = next;
+        &self.paused
     }
 
     fn unhold(&mut self, out: Vec<Held>) -> Vec<Held> {
@@ -543,6 +607,58 @@ mod tests {
         assert_eq!(rest, want, "the overdue rest, in event-time order");
         assert!(a.is_empty());
         assert_eq!(a.commit_positions()[0].offset, 10, "everything polled");
+    }
+
+    /// From half of `max_events` held, the partitions ahead of the slowest
+    /// lane are named for pausing; while paused their lanes still hold the
+    /// others back (not fetched is not quiet), and once the hold is down to
+    /// a quarter they resume with their lanes heard again, so the others
+    /// are not released past them before their next records come in.
+    #[test]
+    fn partitions_ahead_are_paused_until_the_slowest_lane_catches_up() {
+        let mut a = Aligner::new(Some(Alignment {
+            max_events: 8,
+            ..cfg()
+        }));
+        assert!(a.paused(WALL).is_empty(), "nothing held");
+        feed(
+            &mut a,
+            &[
+                ("kpn", 20, 0, 0),
+                ("bt", 21, 0, 1),
+                ("kpn", 22, 0, 2),
+                ("kpn", 1, 1, 0),
+            ],
+            WALL,
+        );
+        // Four held (half of eight): partition 0 is ahead (its slowest
+        // lane at minute 21 against partition 1's 1).
+        assert_eq!(a.paused(WALL), [0]);
+        // Partition 1 goes on (to minute 30); partition 0 has not been
+        // heard from for longer than idle_ms, but it is paused: the cut is
+        // its bt lane's minute 21, not 30.
+        feed(&mut a, &[("kpn", 30, 1, 1)], WALL + 2_500);
+        assert_eq!(
+            ids(&a.release(WALL + 2_500, ALL)),
+            [id("kpn", 1), id("kpn", 20), id("bt", 21)]
+        );
+        // Two held: a quarter, pausing stops.
+        assert!(a.paused(WALL + 2_500).is_empty());
+        // Partition 0's lanes count from its resumption: its kpn 22 and
+        // partition 1's 30 wait for them.
+        assert!(a.release(WALL + 3_000, ALL).is_empty());
+        assert_eq!(
+            ids(&a.release(WALL + 4_600, ALL)),
+            [id("kpn", 22), id("kpn", 30)],
+            "every lane quiet"
+        );
+        // The slowest lane's partition is never paused, whatever is held.
+        let mut a = Aligner::new(Some(Alignment {
+            max_events: 2,
+            ..cfg()
+        }));
+        feed(&mut a, &[("kpn", 5, 0, 0), ("bt", 5, 1, 0)], WALL);
+        assert!(a.paused(WALL).is_empty(), "tied: neither is ahead");
     }
 
     /// One event held long (its lane raced ahead) does not let the

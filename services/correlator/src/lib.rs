@@ -229,6 +229,13 @@ impl Worker {
         {
             self.merge_lanes().await?;
         }
+        // Flow control: with many events held, stop fetching the
+        // partitions ahead of the slowest lane (see crate::align).
+        let paused = self.aligner.paused(wall());
+        self.sub.pause_only(&self.topics.calls, paused).await?;
+        if let Some(m) = self.metrics.as_ref() {
+            m.paused.set(paused.len() as i64);
+        }
         if self.queue.is_empty() {
             if let Some(e) = self.deferred.take() {
                 return Err(e.into());

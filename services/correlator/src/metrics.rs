@@ -34,6 +34,8 @@ pub struct Metrics {
     pub store_seconds: Histogram,
     /// Events held back to align the carriers' feeds in event time.
     pub held: Gauge,
+    /// Partitions not fetched while the slowest carrier lane catches up.
+    pub paused: Gauge,
     /// The low watermark window state is pruned behind, over every
     /// replica's lanes (event time, Unix seconds).
     pub low_watermark: Gauge,
@@ -52,6 +54,7 @@ impl Metrics {
             alerts: Family::default(),
             store_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
             held: Gauge::default(),
+            paused: Gauge::default(),
             low_watermark: Gauge::default(),
             unsettled: Gauge::default(),
         };
@@ -69,6 +72,11 @@ impl Metrics {
             "correlator_held_events",
             "Historical events held back until every active carrier's feed reached their event time (alignment)",
             m.held.clone(),
+        );
+        reg.register(
+            "correlator_paused_partitions",
+            "Partitions of the calls topic not fetched while the slowest carrier lane catches up (alignment flow control, from half of alignment.max_events held)",
+            m.paused.clone(),
         );
         reg.register(
             "correlator_events",

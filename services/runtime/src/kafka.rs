@@ -1177,6 +1177,22 @@ pub struct KafkaSubscription {
     stored: StoredOffsets,
     pending: Option<JoinHandle<PollOutcome>>,
     deferred: Option<BusError>,
+    /// Partitions paused by [`Subscription::pause_only`], and when their
+    /// pause was last asserted (re-asserted every [`PAUSE_REASSERT`]: a
+    /// partition revoked and assigned again may come back fetching).
+    paused: (String, Vec<i32>),
+    paused_at: Option<Instant>,
+}
+
+/// How often a non-empty pause set is asserted again.
+const PAUSE_REASSERT: Duration = Duration::from_secs(1);
+
+fn partition_list(topic: &str, partitions: &[i32]) -> TopicPartitionList {
+    let mut tpl = TopicPartitionList::new();
+    for &p in partitions {
+        tpl.add_partition(topic, p);
+    }
+    tpl
 }
 
 impl fmt::Debug for KafkaSubscription {
@@ -1308,6 +1324,8 @@ impl KafkaSubscription {
             stored,
             pending: None,
             deferred: None,
+            paused: (String::new(), Vec::new()),
+            paused_at: None,
         })
     }
 
@@ -1440,6 +1458,42 @@ impl Subscription for KafkaSubscription {
             }
             None => Ok(records),
         }
+    }
+
+    /// Pauses and resumes through librdkafka (local: no broker round trip).
+    /// Pausing drops what was prefetched for a partition, and resuming
+    /// fetches again from the position after the last record returned.
+    async fn pause_only(&mut self, topic: &str, partitions: &[i32]) -> Result<(), BusError> {
+        let (was_topic, was) = &self.paused;
+        let same = was_topic == topic && was == partitions;
+        if same
+            && (partitions.is_empty()
+                || self.paused_at.is_some_and(|t| t.elapsed() < PAUSE_REASSERT))
+        {
+            return Ok(());
+        }
+        let consumer = self.consumer()?;
+        let resumed: Vec<i32> = was
+            .iter()
+            .filter(|p| was_topic != topic || !partitions.contains(p))
+            .copied()
+            .collect();
+        if !resumed.is_empty() {
+            consumer
+                .resume(&partition_list(was_topic, &resumed))
+                .map_err(|e| unavailable("kafka resume", e))?;
+        }
+        if !partitions.is_empty() {
+            consumer
+                .pause(&partition_list(topic, partitions))
+                .map_err(|e| unavailable("kafka pause", e))?;
+        }
+        if !same {
+            tracing::debug!(group = %self.group, topic, paused = ?partitions, resumed = ?resumed, "kafka fetch paused/resumed (flow control)");
+        }
+        self.paused = (topic.to_string(), partitions.to_vec());
+        self.paused_at = Some(Instant::now());
+        Ok(())
     }
 
     /// Stores, per partition, the offset of the highest record given
