@@ -18,6 +18,7 @@ use pipeline::*;
 use tollguard_cli::common::PipelineOpts;
 use tollguard_cli::eval::{EvalArgs, evaluate, score, suite};
 use tollguard_cli::simulate::{Preset, SimulateArgs, run as simulate};
+use tollguard_tests::{http_get, metric};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_suite_sent_unpaced_through_the_services_scores_like_the_embedded_run() {
@@ -36,27 +37,28 @@ async fn the_suite_sent_unpaced_through_the_services_scores_like_the_embedded_ru
     )
     .unwrap();
     // One correlator with alignment on, as deploy/examples/correlator.toml
-    // runs it (off by default), sized to hold the whole replay: the four
-    // files are sent in less than the aligner's warm-up (idle_ms), and the
-    // consumer fetches the partitions unevenly (one partition days behind
-    // the others in event time was seen), so with the default 10,000 the
-    // aligner released the earliest events past the slowest lane to stay
-    // within its bound, and the distributed campaign's other-carrier
-    // calls came late (first alert 1,200-1,920 s instead of 960 s, about
-    // one run in two). Pausing the partitions ahead instead of releasing
-    // early is the real fix (open in issue 8's notes).
+    // runs it (off by default), with the default bounds. The four files are
+    // sent in less than the aligner's warm-up (idle_ms), so nearly the whole
+    // replay is held at once (carriers days apart in event time within every
+    // partition): with a bound of 10,000 the aligner released the earliest
+    // events past the slowest lane (17,715 of 27,715 here) and the
+    // distributed campaign was caught at 1,200-2,160 s instead of 960 s in
+    // three runs of four. The default holds it whole; the forced-release
+    // counter says so.
     let mut stack = Stack::start_ingesters(dir.path()).await;
     let http = stack.correlator_http;
-    let align = [
-        ("TOLLGUARD__ALIGNMENT__ENABLED".into(), "true".into()),
-        (
-            "TOLLGUARD__ALIGNMENT__MAX_EVENTS".into(),
-            (2 * n).to_string(),
-        ),
-    ];
+    let align = [("TOLLGUARD__ALIGNMENT__ENABLED".into(), "true".into())];
     stack.correlator = Some(stack.spawn_correlator("correlator", http, &align).await);
     stack.send_all(&files);
     stack.wait_processed(n as f64).await;
+    let name = "tollguard_correlator_alignment_forced_releases_total";
+    let (_, body) = http_get(http, "/metrics").await.expect("metrics");
+    assert!(body.contains(&format!("\n{name} ")), "{name} exported");
+    let forced = metric(http, name).await;
+    assert_eq!(
+        forced, 0.0,
+        "events released at the alignment bound, out of order"
+    );
     let pipeline = PipelineOpts {
         rules: None,
         policies: Some(stack.policies.clone()),

@@ -146,6 +146,9 @@ pub struct Aligner {
     backlog: bool,
     /// Partitions [`Self::paused`] last asked to stop fetching.
     paused: Vec<i32>,
+    /// Events released at the `max_events` bound before every active lane
+    /// had reached them, since [`Self::take_forced`].
+    forced: u64,
 }
 
 impl Aligner {
@@ -172,6 +175,13 @@ impl Aligner {
     /// for new records.
     pub fn backlogged(&self) -> bool {
         self.backlog && !self.held.is_empty()
+    }
+
+    /// Events released at the `max_events` bound before every active lane
+    /// had reached them (out of event-time order), since the last call: a
+    /// replay skewed by more than `max_events` between carriers.
+    pub fn take_forced(&mut self) -> u64 {
+        std::mem::take(&mut self.forced)
     }
 
     /// Records that record `r` was polled (decoded or not: a dead letter's
@@ -292,12 +302,14 @@ impl Aligner {
             };
             let (t, _) = *entry.key();
             let live = now - t < cfg.live_window_ms;
-            if t <= cut || live || over {
+            let ready = t <= cut || live;
+            if ready || over {
                 if out.len() >= limit && !live {
                     self.backlog = true;
                     break;
                 }
                 out.push(entry.remove());
+                self.forced += u64::from(!ready);
             } else {
                 break;
             }
@@ -546,6 +558,7 @@ mod tests {
         feed(&mut a, &[("kpn", 1, 1, 60)], WALL + 60_000);
         let out = a.release(WALL + 60_000, ALL);
         assert!(ids(&out).contains(&id("bt", 50)), "max_hold_ms passed");
+        assert_eq!(a.take_forced(), 0, "held out its time: not forced");
 
         let mut a = Aligner::new(Some(Alignment {
             max_events: 2,
@@ -566,6 +579,8 @@ mod tests {
             [id("kpn", 1), id("bt", 20)]
         );
         assert_eq!(a.len(), 2);
+        assert_eq!(a.take_forced(), 2, "both went at the bound");
+        assert_eq!(a.take_forced(), 0, "counted once");
     }
 
     /// A release gives at most its limit of historical events, earliest

@@ -182,7 +182,7 @@ impl Default for AlignmentConfig {
             live_window_s: 60,
             idle_ms: 5000,
             max_hold_s: 600,
-            max_events: 10_000,
+            max_events: 200_000,
         }
     }
 }
@@ -349,7 +349,7 @@ mod tests {
         let a = cfg.alignment.bounds().expect("enabled");
         assert_eq!(
             (a.live_window_ms, a.idle_ms, a.max_hold_ms, a.max_events),
-            (60_000, 5_000, 600_000, 10_000)
+            (60_000, 5_000, 600_000, 200_000)
         );
         for (var, key) in [
             (

@@ -354,6 +354,7 @@ impl Worker {
             m.duplicates.inc_by(report.duplicates as u64);
             m.late.inc_by(report.late as u64);
             m.held.set(aligner.len() as i64);
+            m.forced.inc_by(aligner.take_forced());
             m.unsettled.set(unsettled.len() as i64);
         }
         queue.pop_front();

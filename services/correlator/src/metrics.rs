@@ -36,6 +36,8 @@ pub struct Metrics {
     pub held: Gauge,
     /// Partitions not fetched while the slowest carrier lane catches up.
     pub paused: Gauge,
+    /// Held events released at the `max_events` bound, out of order.
+    pub forced: Counter,
     /// The low watermark window state is pruned behind, over every
     /// replica's lanes (event time, Unix seconds).
     pub low_watermark: Gauge,
@@ -55,6 +57,7 @@ impl Metrics {
             store_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
             held: Gauge::default(),
             paused: Gauge::default(),
+            forced: Counter::default(),
             low_watermark: Gauge::default(),
             unsettled: Gauge::default(),
         };
@@ -77,6 +80,11 @@ impl Metrics {
             "correlator_paused_partitions",
             "Partitions of the calls topic not fetched while the slowest carrier lane catches up (alignment flow control, from half of alignment.max_events held)",
             m.paused.clone(),
+        );
+        reg.register(
+            "correlator_alignment_forced_releases",
+            "Held events released at alignment.max_events before every active carrier lane reached them (a replay skewed by more than the bound: raise it)",
+            m.forced.clone(),
         );
         reg.register(
             "correlator_events",
