@@ -120,6 +120,14 @@ struct Lane {
     heard: Millis,
 }
 
+impl Lane {
+    /// Active at wall time `now`: heard from within `idle_ms`, or its
+    /// partition is paused (not fetched is not quiet).
+    fn active(&self, now: Millis, idle_ms: i64, paused: &[i32]) -> bool {
+        now - self.heard < idle_ms || paused.contains(&self.partition)
+    }
+}
+
 /// Holds events until the carriers' feeds are aligned (see the module
 /// documentation). Without [`Alignment`], every event passes at once.
 #[derive(Debug, Default)]
@@ -217,11 +225,10 @@ impl Aligner {
             self.held.insert(key, h);
             return;
         };
-        let paused = &self.paused;
-        if self
+        if !self
             .lanes
             .iter()
-            .all(|l| now - l.heard >= cfg.idle_ms && !paused.contains(&l.partition))
+            .any(|l| l.active(now, cfg.idle_ms, &self.paused))
         {
             self.started = now;
         }
@@ -269,11 +276,10 @@ impl Aligner {
             return std::mem::take(&mut self.held).into_values().collect();
         };
         // Every held event at or before the slowest active lane.
-        let paused = &self.paused;
         let mut cut = self
             .lanes
             .iter()
-            .filter(|l| now - l.heard < cfg.idle_ms || paused.contains(&l.partition))
+            .filter(|l| l.active(now, cfg.idle_ms, &self.paused))
             .map(|l| l.time)
             .min()
             .unwrap_or(Millis::MAX);
@@ -345,10 +351,12 @@ impl Aligner {
         };
         let mut next = Vec::new();
         if pausing {
-            let paused = &self.paused;
-            let active = |l: &&Lane| now - l.heard < cfg.idle_ms || paused.contains(&l.partition);
             let mut slowest: Vec<(i32, Millis)> = Vec::new();
-            for l in self.lanes.iter().filter(active) {
+            for l in self
+                .lanes
+                .iter()
+                .filter(|l| l.active(now, cfg.idle_ms, &self.paused))
+            {
                 match slowest.iter_mut().find(|(p, _)| *p == l.partition) {
                     Some((_, t)) => *t = (*t).min(l.time),
                     None => slowest.push((l.partition, l.time)),
